@@ -1,0 +1,59 @@
+"""Story Arena entry point: settings -> database -> job worker -> UI -> launch.
+
+    python app.py [--data-dir DIR] [--host H] [--port P] [--starter smollm2|tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from rlhf.jobs import JobWorker
+from rlhf.prepare import needs_prepare
+from rlhf.settings import Settings, add_arguments, from_args
+from storage import jobs as job_rows
+from ui.app import build_ui
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve researcher actions to a network on names alone."""
+    if settings.researchers and settings.researcher_key is None and not _is_loopback(settings.host):
+        raise SystemExit(
+            "Researchers are configured and the app listens beyond this machine: set "
+            "STORY_ARENA_RESEARCHER_KEY so a researcher name alone grants nothing."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Story Arena: vote on stories, train on the votes.")
+    add_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 on a Space)")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    settings = from_args(args, os.environ)
+    check_exposure(settings)
+    store = settings.store()
+    if needs_prepare(store, settings):
+        job_rows.create_job(store.db, "prepare", {})
+    worker = JobWorker(settings).start()
+    demo, launch_kwargs = build_ui(settings, store)
+    print(f"Story Arena: data in {settings.data_dir}", file=sys.stderr)
+    try:
+        demo.queue(default_concurrency_limit=16).launch(
+            server_name=settings.host, server_port=settings.port, **launch_kwargs
+        )
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    main()

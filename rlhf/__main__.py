@@ -1,0 +1,131 @@
+"""Command line: `python -m rlhf COMMAND --data-dir DIR [--json]`.
+
+With --json, stdout carries one JSON document and logs go to stderr, so scripts and
+benchmarks can parse the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from rlhf import jobs
+from rlhf.settings import Settings, add_arguments, from_args
+
+
+def _progress_to_stderr(fraction: float, message: str) -> None:
+    print(f"[{fraction:6.1%}] {message}", file=sys.stderr, flush=True)
+
+
+def cmd_init(settings: Settings, args) -> dict:
+    job = jobs.run_inline(settings, "prepare", {})
+    from storage import completions, models, prompts
+
+    db = settings.store().db
+    return {
+        "job_id": job["id"], "status": job["status"], "error": job["error"],
+        "prompts": prompts.prompt_count(db),
+        "policies": [{"id": m.id, "name": m.name, "stories": completions.pool_sizes(db).get(m.id, 0)}
+                     for m in models.list_models(db)],
+    }
+
+
+def cmd_models(settings: Settings, args) -> dict:
+    from storage import completions, models
+
+    db = settings.store().db
+    sizes = completions.pool_sizes(db)
+    return {"models": [{**asdict(m), "stories": sizes.get(m.id, 0)} for m in models.list_models(db)]}
+
+
+def cmd_generate(settings: Settings, args) -> dict:
+    from storage import completions, models
+
+    db = settings.store().db
+    models.get_model(db, args.model)
+    job = jobs.run_inline(settings, "generate", {"model_ids": [args.model], "prompts": args.prompts})
+    return {"job_id": job["id"], "status": job["status"], "error": job["error"],
+            "stories": completions.pool_sizes(db).get(args.model, 0)}
+
+
+def cmd_leaderboard(settings: Settings, args) -> dict:
+    from rlhf.leaderboard import standings
+
+    return {"leaderboard": standings(settings.store(), rounds=args.rounds)}
+
+
+def cmd_export(settings: Settings, args) -> dict:
+    from rlhf.export import preference_records, write_jsonl
+
+    out = args.out or settings.exports_dir / "preferences.jsonl"
+    count = write_jsonl(preference_records(settings.store(), include_undecided=args.include_undecided), out)
+    return {"path": str(Path(out).resolve()), "records": count}
+
+
+def cmd_jobs(settings: Settings, args) -> dict:
+    from storage import jobs as job_rows
+
+    return {"jobs": job_rows.list_jobs(settings.store().db, limit=args.limit)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rlhf", description="Story Arena: data, models and training from the command line.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("init", cmd_init, "prepare the data dir: seed prompts, starter model and policies, their story pool (idempotent)")
+    command("models", cmd_models, "list policies with lineage and pool sizes")
+    generate = command("generate", cmd_generate, "write stories for a policy on prompts it has none for")
+    generate.add_argument("--model", type=int, required=True, help="policy id (see `models`)")
+    generate.add_argument("--prompts", type=int, help="how many prompts (default: all missing)")
+    board = command("leaderboard", cmd_leaderboard, "Bradley-Terry standings with bootstrap 95%% intervals")
+    board.add_argument("--rounds", type=int, default=200, help="bootstrap rounds")
+    export = command("export", cmd_export, "write human preferences as TRL-format JSON lines")
+    export.add_argument("--out", type=Path, help="output file (default <data dir>/exports/preferences.jsonl)")
+    export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")
+    job_list = command("jobs", cmd_jobs, "list background jobs")
+    job_list.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+def _print_human(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, list):
+            print(f"{key}:")
+            for item in value:
+                print("  " + ", ".join(f"{k}={v}" for k, v in item.items() if not isinstance(v, dict | list)))
+        else:
+            print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = from_args(args, os.environ)
+        result = args.handler(settings, args)
+    except (ValueError, LookupError) as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        _print_human(result)
+    failed = result.get("status") not in (None, "succeeded")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

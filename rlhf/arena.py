@@ -1,0 +1,131 @@
+"""The annotator's loop as plain functions: sign in, get a pair, vote, skip, undo.
+
+The UI and the HTTP API both go through here, so validation, idempotency and the
+"never the same pair twice" rule hold however a vote arrives. Serving a pair is a
+database read; nothing here generates text.
+"""
+
+from __future__ import annotations
+
+import hmac
+import random
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from rlhf.pairing import draw_order, pair_weights
+from rlhf.settings import Settings
+from storage import annotators, completions, models, prompts, votes
+from storage import jobs as job_rows
+from storage.db import Store
+from storage.votes import ShownPair
+
+NAME_PATTERN = re.compile(r"^[\w][\w .@-]*$")
+
+
+class ArenaError(ValueError):
+    """Bad input from an annotator; the message is shown as is."""
+
+
+@dataclass(frozen=True)
+class PairView:
+    pair: ShownPair
+    prompt: str
+    story_a: str
+    story_b: str
+    name_a: str
+    name_b: str
+    client_key: str
+
+
+def sign_in(store: Store, settings: Settings, name: str, key: str = "") -> dict:
+    """Validate a display name and return the annotator row with its configured role."""
+    name = (name or "").strip()
+    if not name:
+        raise ArenaError("Please enter a name to start voting.")
+    if len(name) > settings.max_name_chars:
+        raise ArenaError(f"Names are limited to {settings.max_name_chars} characters.")
+    if not NAME_PATTERN.match(name):
+        raise ArenaError("Names may use letters, digits, spaces and . @ - _ only.")
+    role = settings.role_for(name)
+    if role != "annotator" and settings.researcher_key is not None:
+        if not hmac.compare_digest((key or "").encode(), settings.researcher_key.encode()):
+            raise ArenaError("This name has the researcher role: enter the researcher key to sign in.")
+    return annotators.sign_in(store.db, name, role)
+
+
+def next_pair(store: Store, annotator_id: int, rng: random.Random | None = None) -> PairView | None:
+    """The most informative unseen pair for this annotator (see rlhf.pairing), or None."""
+    rng = rng or random.Random()
+    db = store.db
+    sizes = completions.pool_sizes(db)
+    policies = {m.id: m.parent_id for m in models.list_models(db, active_only=True) if sizes.get(m.id)}
+    if len(policies) < 2:
+        return None
+    weights = pair_weights(policies, votes.policy_pair_stats(db))
+    for model_x, model_y in draw_order(weights, rng):
+        found = votes.find_unseen_pair(db, annotator_id, model_x, model_y)
+        if found is None:
+            continue
+        sides = [(model_x, found["completion_x"]), (model_y, found["completion_y"])]
+        rng.shuffle(sides)
+        return _view(store, found["prompt_id"], sides[0], sides[1])
+    return None
+
+
+def _view(store: Store, prompt_id: int, side_a: tuple[int, int], side_b: tuple[int, int]) -> PairView:
+    db = store.db
+    (model_a, completion_a), (model_b, completion_b) = side_a, side_b
+    return PairView(
+        pair=ShownPair(prompt_id, completion_a, completion_b, model_a, model_b, time.time()),
+        prompt=prompts.get_prompt(db, prompt_id)["text"],
+        story_a=completions.get_completion(db, completion_a)["text"],
+        story_b=completions.get_completion(db, completion_b)["text"],
+        name_a=models.get_model(db, model_a).name,
+        name_b=models.get_model(db, model_b).name,
+        client_key=uuid.uuid4().hex,
+    )
+
+
+def submit_vote(
+    store: Store, settings: Settings, annotator_id: int, view: PairView, choice: str,
+    rationale: str = "", client_key: str | None = None,
+) -> tuple[int, bool]:
+    """Record a vote on the pair shown; a repeated client key returns the first vote."""
+    if choice not in votes.CHOICES:
+        raise ArenaError(f"Unknown choice {choice!r}.")
+    rationale = (rationale or "").strip()
+    if len(rationale) > settings.max_rationale_chars:
+        raise ArenaError(f"The reason is limited to {settings.max_rationale_chars} characters.")
+    return votes.record_vote(
+        store.db, view.pair, annotator_id=annotator_id, choice=choice,
+        client_key=client_key or view.client_key, rationale=rationale,
+    )
+
+
+def skip_pair(store: Store, annotator_id: int, view: PairView) -> None:
+    votes.mark_seen(store.db, annotator_id, view.pair.completion_a, view.pair.completion_b)
+
+
+def undo_vote(store: Store, settings: Settings, annotator_id: int, vote_id: int) -> PairView | None:
+    """Take back a vote inside the undo window and show the same pair again."""
+    vote = votes.undo_vote(store.db, vote_id, annotator_id, settings.undo_window_s)
+    if vote is None:
+        return None
+    return _view(
+        store, vote["prompt_id"],
+        (vote["model_a"], vote["completion_a"]), (vote["model_b"], vote["completion_b"]),
+    )
+
+
+def vote_count(store: Store, annotator_id: int) -> int:
+    return votes.annotator_vote_count(store.db, annotator_id)
+
+
+def preparing_message(store: Store) -> str | None:
+    """What the first start is doing, while it is doing it (shown instead of a blank page)."""
+    for job in job_rows.list_jobs(store.db, limit=5, kind="prepare"):
+        if job["status"] in job_rows.ACTIVE:
+            return f"Preparing the arena: {job['progress']:.0%} · {job['message']}"
+    return None

@@ -1,0 +1,42 @@
+"""Votes as training data in TRL's preference format (`prompt`, `chosen`, `rejected`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from storage import votes
+from storage.db import Store
+
+
+def preference_records(
+    store: Store, sources: tuple[str, ...] = ("human",), include_undecided: bool = False
+) -> Iterator[dict]:
+    """One record per decided vote; ties and both-bad are skipped, or kept with `label` set."""
+    for row in votes.preference_rows(store.db, sources):
+        decided = row["choice"] in ("a", "b")
+        if not decided and not include_undecided:
+            continue
+        chosen, rejected = (row["text_b"], row["text_a"]) if row["choice"] == "b" else (row["text_a"], row["text_b"])
+        record = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+                  "source": row["source"], "vote_id": row["id"]}
+        if row["confidence"] is not None:
+            record["margin"] = row["confidence"]
+        if not decided:
+            record["label"] = row["choice"]
+        yield record
+
+
+def write_jsonl(records: Iterable[dict], path: Path) -> int:
+    """Write JSON lines atomically (a reader never sees half a file); returns the count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    os.replace(tmp, path)
+    return count

@@ -1,0 +1,205 @@
+"""Background jobs: a worker thread in the app runs each queued job in its own subprocess.
+
+A subprocess per job means a crash, an out-of-memory kill or a cancel never takes the UI
+down, and GPU memory is returned when it exits. Progress and status live in the jobs
+table; each job's output goes to its own log file under <data dir>/jobs/.
+
+Run one job by hand: `python -m rlhf.jobs run JOB_ID --data-dir DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from rlhf.settings import Settings, add_arguments, from_args
+from storage import jobs as job_rows
+from storage.db import Store
+from storage.models import ModelRecord
+
+CANCEL_GRACE_S = 5.0
+JobFunction = Callable[[Settings, dict, Callable[[float, str], None]], "ModelRecord | None"]
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when a researcher cancels it."""
+
+
+def _prepare_job(settings: Settings, params: dict, progress) -> None:
+    from rlhf.prepare import prepare
+
+    prepare(settings.store(), settings, progress)
+
+
+def _generate_job(settings: Settings, params: dict, progress) -> None:
+    from rlhf.pool import fill_pool
+
+    fill_pool(settings.store(), settings, params["model_ids"], params.get("prompts"), progress)
+
+
+def job_kinds() -> dict[str, JobFunction]:
+    """Every job kind and the function that runs it (heavy imports stay inside them)."""
+    return {"prepare": _prepare_job, "generate": _generate_job}
+
+
+def log_path(settings: Settings, job_id: int) -> Path:
+    return settings.jobs_dir / f"job-{job_id}.log"
+
+
+def execute(settings: Settings, job_id: int) -> dict:
+    """Run a claimed (status running) job in this process and record how it ended."""
+    store = settings.store()
+    db = store.db
+    job = job_rows.get_job(db, job_id)
+    kind = job_kinds().get(job["kind"])
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"[{fraction:6.1%}] {message}", file=sys.stderr, flush=True)
+        if not job_rows.report_progress(db, job_id, fraction, message):
+            raise JobCancelled()
+
+    try:
+        if kind is None:
+            raise ValueError(f"Unknown job kind {job['kind']!r}.")
+        result = kind(settings, job["params"], progress)
+    except JobCancelled:
+        job_rows.finish_job(db, job_id, "cancelled", error="cancelled by a researcher")
+    except Exception as exc:
+        traceback.print_exc()
+        job_rows.finish_job(db, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+    else:
+        job_rows.finish_job(
+            db, job_id, "succeeded",
+            result_model_id=result.id if result else None,
+            metrics=result.metrics if result else None,
+        )
+    return job_rows.get_job(db, job_id)
+
+
+def run_inline(settings: Settings, kind: str, params: dict, created_by: int | None = None) -> dict:
+    """Create a job and run it in this process (the CLI's synchronous path)."""
+    db = settings.store().db
+    job_id = job_rows.create_job(db, kind, params, created_by)
+    job_rows.update_job(db, job_id, status="running", started_at=time.time(), pid=os.getpid())
+    return execute(settings, job_id)
+
+
+def _is_job_process(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return b"rlhf.jobs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class JobWorker:
+    """Runs queued jobs one at a time, each as `python -m rlhf.jobs run ID`."""
+
+    def __init__(self, settings: Settings, poll_s: float = 0.5):
+        self.settings = settings
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
+        self._proc: subprocess.Popen | None = None
+        self._job_id: int | None = None
+        self._term_sent_at: float | None = None
+
+    def start(self) -> "JobWorker":
+        self.recover()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def recover(self) -> list[int]:
+        """Mark jobs left running by a dead app as interrupted (ending stray job processes)."""
+        db = Store(self.settings.db_path).db
+        interrupted = []
+        for job in job_rows.running_jobs(db):
+            if _is_job_process(job["pid"]):
+                os.kill(job["pid"], signal.SIGKILL)
+            job_rows.finish_job(db, job["id"], "interrupted", error="the app stopped while this job ran")
+            interrupted.append(job["id"])
+        return interrupted
+
+    def _spawn(self, job: dict) -> None:
+        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
+        path = log_path(self.settings, job["id"])
+        command = [
+            sys.executable, "-m", "rlhf.jobs", "run", str(job["id"]),
+            "--data-dir", str(self.settings.data_dir), "--starter", self.settings.starter,
+            "--device", self.settings.device,
+        ]
+        with path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
+            )
+        self._job_id, self._term_sent_at = job["id"], None
+        job_rows.update_job(Store(self.settings.db_path).db, job["id"], pid=self._proc.pid, log_path=str(path))
+
+    def _watch(self, db) -> None:
+        assert self._proc is not None and self._job_id is not None
+        code = self._proc.poll()
+        job = job_rows.get_job(db, self._job_id)
+        if code is None:
+            if job["status"] == "cancelling":
+                now = time.time()
+                if self._term_sent_at is None:
+                    self._proc.terminate()
+                    self._term_sent_at = now
+                elif now - self._term_sent_at > CANCEL_GRACE_S:
+                    self._proc.kill()
+            return
+        if job["status"] in job_rows.ACTIVE:
+            if job["status"] == "cancelling":
+                job_rows.finish_job(db, self._job_id, "cancelled", error="cancelled by a researcher")
+            else:
+                job_rows.finish_job(db, self._job_id, "failed", error=f"the job process exited with code {code}")
+        self._proc = self._job_id = None
+
+    def _loop(self) -> None:
+        db = Store(self.settings.db_path).db
+        while not self._stop.is_set():
+            try:
+                if self._proc is None:
+                    job = job_rows.claim_next_job(db)
+                    if job is not None:
+                        self._spawn(job)
+                else:
+                    self._watch(db)
+            except Exception:
+                traceback.print_exc()
+            self._stop.wait(self.poll_s)
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
+
+def _raise_cancelled(signum, frame) -> None:
+    raise JobCancelled()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf.jobs", description="Run one queued job.")
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("job_id", type=int)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = from_args(args, os.environ)
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    job = execute(settings, args.job_id)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

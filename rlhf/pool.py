@@ -1,0 +1,58 @@
+"""Fills the completion pool: every active policy gets a story for each prompt.
+
+Prompts go in batches, and each batch is written for every policy before the next one,
+so the first votable pair exists after one batch rather than after a whole pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from rlhf.generate import Decoding, generate_stories
+from rlhf.models import load_causal_lm, resolve_device
+from rlhf.settings import Settings
+from storage import completions, models
+from storage.db import Store
+
+Progress = Callable[[float, str], None]
+
+
+def fill_pool(
+    store: Store, settings: Settings, model_ids: Sequence[int], prompt_limit: int | None,
+    progress: Progress, seed: int | None = None,
+) -> int:
+    """Generate the missing stories of `model_ids` for the first `prompt_limit` prompts."""
+    db = store.db
+    policies = [models.get_model(db, i) for i in model_ids]
+    todo = {
+        p.id: {r["id"]: r["text"] for r in completions.prompts_without_completion(db, p.id, prompt_limit)}
+        for p in policies
+    }
+    total = sum(len(t) for t in todo.values())
+    if total == 0:
+        progress(1.0, "pool complete")
+        return 0
+    prompt_ids = sorted(set().union(*todo.values()))
+    device = resolve_device(settings.device)
+    done = 0
+    step = settings.generation_batch_size
+    for start in range(0, len(prompt_ids), step):
+        batch = prompt_ids[start:start + step]
+        for policy in policies:
+            wanted = [pid for pid in batch if pid in todo[policy.id]]
+            if not wanted:
+                continue
+            model, tokenizer = load_causal_lm(policy.source, device, settings.hub_token)
+            decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **policy.decoding})
+            stories = generate_stories(
+                model, tokenizer, [todo[policy.id][pid] for pid in wanted], decoding,
+                batch_size=step, seed=None if seed is None else seed + start,
+            )
+            for pid, story in zip(wanted, stories):
+                completions.add_completion(
+                    db, pid, policy.id, story.text[: settings.max_story_chars],
+                    decoding.to_dict(), story.tokens, story.ms,
+                )
+            done += len(wanted)
+            progress(done / total, f"{done}/{total} stories written ({policy.name})")
+    return done

@@ -1,0 +1,69 @@
+"""First start: seed prompts, the starter model, two starter policies and their pool.
+
+Idempotent, so a restart (or `python -m rlhf init` twice) only does what is missing.
+"""
+
+from __future__ import annotations
+
+from rlhf.models import build_tiny_starter, prepare_starter
+from rlhf.pool import Progress, fill_pool
+from rlhf.prompts import SEED_PROMPTS
+from rlhf.settings import Settings
+from storage import completions, models, prompts
+from storage import jobs as job_rows
+from storage.db import Store
+from storage.models import ModelRecord
+
+# The same weights with two decoding settings are two policies: enough for a first arena.
+STARTER_POLICIES = {
+    "smollm2": (("smollm2-t0.7", {"temperature": 0.7, "top_p": 0.9}),
+                ("smollm2-t1.0", {"temperature": 1.0, "top_p": 0.95})),
+    "tiny": (("tiny-t0.7", {"temperature": 0.7, "top_p": 0.9}),
+             ("tiny-t1.0", {"temperature": 1.0, "top_p": 0.95})),
+}
+MODEL_SHARE = 0.1
+
+
+def starter_policies(store: Store, settings: Settings, progress: Progress) -> list[ModelRecord]:
+    """Build or convert the starter once and register its policies; returns them."""
+    db = store.db
+    prompts.add_prompts(db, SEED_PROMPTS, source="seed")
+    if settings.starter == "tiny":
+        path = build_tiny_starter(settings.models_dir, SEED_PROMPTS)
+    else:
+        path = prepare_starter(settings.models_dir, lambda f, m: progress(f * MODEL_SHARE, m))
+    records = []
+    for name, decoding in STARTER_POLICIES[settings.starter]:
+        record = models.get_model_by_name(db, name)
+        if record is None:
+            record = models.add_model(db, name, "starter", path=str(path), decoding=decoding)
+        records.append(record)
+    return records
+
+
+def prepare(store: Store, settings: Settings, progress: Progress) -> list[ModelRecord]:
+    progress(0.0, "preparing the starter model")
+    policies = starter_policies(store, settings, progress)
+    progress(MODEL_SHARE, "writing the first stories")
+    fill_pool(
+        store, settings, [p.id for p in policies], settings.pool_prompts,
+        lambda f, m: progress(MODEL_SHARE + (1 - MODEL_SHARE) * f, m),
+    )
+    return policies
+
+
+def needs_prepare(store: Store, settings: Settings) -> bool:
+    """True unless the starter policies exist with a full pool, or preparation is under way."""
+    db = store.db
+    if any(j["status"] in job_rows.ACTIVE for j in job_rows.list_jobs(db, limit=5, kind="prepare")):
+        return False
+    target = prompts.prompt_count(db)
+    if target == 0:
+        return True
+    target = min(target, settings.pool_prompts or target)
+    sizes = completions.pool_sizes(db)
+    for name, _ in STARTER_POLICIES[settings.starter]:
+        record = models.get_model_by_name(db, name)
+        if record is None or sizes.get(record.id, 0) < target:
+            return True
+    return False

@@ -1,0 +1,19 @@
+"""People who vote, and their role."""
+
+from __future__ import annotations
+
+import time
+
+from sqlite_utils import Database
+
+ROLES = ("annotator", "researcher", "admin")
+
+
+def sign_in(db: Database, name: str, role: str) -> dict:
+    """Find or create the annotator; the role always follows the current configuration."""
+    if role not in ROLES:
+        raise ValueError(f"Unknown role {role!r}.")
+    with db.atomic():
+        db["annotators"].insert({"name": name, "role": role, "created_at": time.time()}, ignore=True)
+        db.execute("UPDATE annotators SET role = ? WHERE name = ?", [role, name])
+    return next(db["annotators"].rows_where("name = ?", [name]))

@@ -1,0 +1,72 @@
+"""The completion pool: one story per (prompt, policy)."""
+
+from __future__ import annotations
+
+import time
+
+from sqlite_utils import Database
+
+from storage.codec import dumps
+
+
+def add_completion(
+    db: Database, prompt_id: int, model_id: int, text: str,
+    gen_params: dict | None = None, tokens: int | None = None, ms: float | None = None,
+) -> int:
+    """Store a story and return its id; an existing story for the same (prompt, policy) is kept."""
+    db["completions"].insert(
+        {"prompt_id": prompt_id, "model_id": model_id, "text": text,
+         "gen_params": dumps(gen_params), "tokens": tokens, "ms": ms, "created_at": time.time()},
+        ignore=True,
+    )
+    row = db.execute(
+        "SELECT id FROM completions WHERE prompt_id = ? AND model_id = ?", [prompt_id, model_id]
+    ).fetchone()
+    return row[0]
+
+
+def prompts_without_completion(db: Database, model_id: int, limit: int | None = None) -> list[dict]:
+    """Prompts this policy has no story for yet, oldest first: the pool's to-do list."""
+    sql = (
+        "SELECT p.id, p.text FROM prompts p WHERE NOT EXISTS ("
+        " SELECT 1 FROM completions c WHERE c.prompt_id = p.id AND c.model_id = ?)"
+        " ORDER BY p.id"
+    )
+    params: list = [model_id]
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [dict(r) for r in db.query(sql, params)]
+
+
+def completions_for_prompt(db: Database, prompt_id: int) -> list[dict]:
+    """Every policy's story for one prompt, with the policy's name."""
+    return list(db.query(
+        "SELECT c.id, c.model_id, m.name AS model_name, c.text, c.tokens, c.ms"
+        " FROM completions c JOIN models m ON m.id = c.model_id"
+        " WHERE c.prompt_id = ? ORDER BY c.model_id",
+        [prompt_id],
+    ))
+
+
+def get_completion(db: Database, completion_id: int) -> dict:
+    rows = list(db["completions"].rows_where("id = ?", [completion_id]))
+    if not rows:
+        raise LookupError(f"No completion with id {completion_id}.")
+    return rows[0]
+
+
+def pool_sizes(db: Database) -> dict[int, int]:
+    """Stories per policy."""
+    return {r["model_id"]: r["n"] for r in db.query(
+        "SELECT model_id, count(*) AS n FROM completions GROUP BY model_id")}
+
+
+def prompts_with_completions(db: Database, min_policies: int = 1) -> list[dict]:
+    """Prompts that have stories from at least `min_policies` policies."""
+    return list(db.query(
+        "SELECT p.id, p.text, count(c.id) AS stories FROM prompts p"
+        " JOIN completions c ON c.prompt_id = p.id GROUP BY p.id"
+        " HAVING count(c.id) >= ? ORDER BY p.id",
+        [min_policies],
+    ))

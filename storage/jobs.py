@@ -1,0 +1,95 @@
+"""Background jobs as rows: queued -> running -> succeeded | failed | cancelled | interrupted."""
+
+from __future__ import annotations
+
+import time
+
+from sqlite_utils import Database
+
+from storage.codec import dumps, loads
+
+ACTIVE = ("queued", "running", "cancelling")
+FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+def _decode(row: dict) -> dict:
+    return {**row, "params": loads(row["params"]), "metrics": loads(row["metrics"])}
+
+
+def create_job(db: Database, kind: str, params: dict, created_by: int | None = None) -> int:
+    return db["jobs"].insert({
+        "kind": kind, "params": dumps(params), "status": "queued", "progress": 0.0,
+        "message": "queued", "created_at": time.time(), "created_by": created_by,
+    }).last_pk
+
+
+def get_job(db: Database, job_id: int) -> dict:
+    rows = list(db["jobs"].rows_where("id = ?", [job_id]))
+    if not rows:
+        raise LookupError(f"No job with id {job_id}.")
+    return _decode(rows[0])
+
+
+def list_jobs(db: Database, limit: int = 50, kind: str | None = None) -> list[dict]:
+    where, params = ("kind = ?", [kind]) if kind else (None, [])
+    return [_decode(r) for r in db["jobs"].rows_where(where, params, order_by="id DESC", limit=limit)]
+
+
+def claim_next_job(db: Database) -> dict | None:
+    """Atomically move the oldest queued job to running; None when the queue is empty."""
+    with db.atomic():
+        row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+        if row is None:
+            return None
+        db.execute(
+            "UPDATE jobs SET status = 'running', started_at = ?, message = 'starting' WHERE id = ?",
+            [time.time(), row[0]],
+        )
+    return get_job(db, row[0])
+
+
+def update_job(db: Database, job_id: int, **fields) -> None:
+    for key in ("params", "metrics"):
+        if key in fields:
+            fields[key] = dumps(fields[key])
+    db["jobs"].update(job_id, fields)
+
+
+def report_progress(db: Database, job_id: int, fraction: float, message: str) -> bool:
+    """Write progress; returns False when the job was asked to stop."""
+    db.execute(
+        "UPDATE jobs SET progress = ?, message = ? WHERE id = ? AND status = 'running'",
+        [max(0.0, min(1.0, fraction)), message[:500], job_id],
+    )
+    return get_job(db, job_id)["status"] == "running"
+
+
+def finish_job(db: Database, job_id: int, status: str, *, error: str | None = None,
+               result_model_id: int | None = None, metrics: dict | None = None) -> None:
+    if status not in FINISHED:
+        raise ValueError(f"Not a final job status: {status!r}.")
+    fields = {"status": status, "finished_at": time.time(), "error": error}
+    if status == "succeeded":
+        fields.update(progress=1.0, message="done")
+    if result_model_id is not None:
+        fields["result_model_id"] = result_model_id
+    if metrics is not None:
+        fields["metrics"] = dumps(metrics)
+    db["jobs"].update(job_id, fields)
+
+
+def request_cancel(db: Database, job_id: int) -> str:
+    """Queued jobs cancel at once; running ones are flagged for the worker to stop."""
+    with db.atomic():
+        status = get_job(db, job_id)["status"]
+        if status == "queued":
+            finish_job(db, job_id, "cancelled")
+            return "cancelled"
+        if status == "running":
+            db["jobs"].update(job_id, {"status": "cancelling", "message": "cancelling"})
+            return "cancelling"
+    return status
+
+
+def running_jobs(db: Database) -> list[dict]:
+    return [_decode(r) for r in db["jobs"].rows_where("status IN ('running', 'cancelling')")]

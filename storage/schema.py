@@ -1,0 +1,145 @@
+"""The arena's schema, as an ordered list of sqlite-utils migrations.
+
+Never edit an applied migration: add a new one below it. Times are Unix seconds (REAL);
+JSON columns hold text that storage functions encode and decode.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+MIGRATIONS = Migrations("story_arena")
+
+# Per policy pair, human votes only: keeps pair selection a constant-cost read however
+# large the votes table grows. Maintained by triggers so no code path can forget it.
+_PAIR_STATS_TRIGGERS = (
+    """
+CREATE TRIGGER votes_pair_stats_insert AFTER INSERT ON votes WHEN NEW.source = 'human'
+BEGIN
+  INSERT INTO policy_pairs (model_lo, model_hi, votes, lo_wins, hi_wins, ties, both_bad)
+  VALUES (
+    min(NEW.model_a, NEW.model_b), max(NEW.model_a, NEW.model_b), 1,
+    (NEW.choice = 'a' AND NEW.model_a < NEW.model_b) OR (NEW.choice = 'b' AND NEW.model_b < NEW.model_a),
+    (NEW.choice = 'a' AND NEW.model_a > NEW.model_b) OR (NEW.choice = 'b' AND NEW.model_b > NEW.model_a),
+    NEW.choice = 'tie', NEW.choice = 'both_bad')
+  ON CONFLICT (model_lo, model_hi) DO UPDATE SET
+    votes = votes + 1,
+    lo_wins = lo_wins + excluded.lo_wins,
+    hi_wins = hi_wins + excluded.hi_wins,
+    ties = ties + excluded.ties,
+    both_bad = both_bad + excluded.both_bad;
+END
+""",
+    """
+CREATE TRIGGER votes_pair_stats_delete AFTER DELETE ON votes WHEN OLD.source = 'human'
+BEGIN
+  UPDATE policy_pairs SET
+    votes = votes - 1,
+    lo_wins = lo_wins - ((OLD.choice = 'a' AND OLD.model_a < OLD.model_b) OR (OLD.choice = 'b' AND OLD.model_b < OLD.model_a)),
+    hi_wins = hi_wins - ((OLD.choice = 'a' AND OLD.model_a > OLD.model_b) OR (OLD.choice = 'b' AND OLD.model_b > OLD.model_a)),
+    ties = ties - (OLD.choice = 'tie'),
+    both_bad = both_bad - (OLD.choice = 'both_bad')
+  WHERE model_lo = min(OLD.model_a, OLD.model_b) AND model_hi = max(OLD.model_a, OLD.model_b);
+END
+""",
+)
+
+
+@MIGRATIONS()
+def m001_initial(db: Database) -> None:
+    db["annotators"].create(
+        {"id": int, "name": str, "role": str, "created_at": float},
+        pk="id",
+        not_null={"name", "role"},
+    )
+    db["annotators"].create_index(["name"], unique=True)
+
+    db["jobs"].create(
+        {
+            "id": int, "kind": str, "params": str, "status": str, "progress": float,
+            "message": str, "log_path": str, "pid": int, "created_at": float,
+            "started_at": float, "finished_at": float, "result_model_id": int,
+            "error": str, "metrics": str, "created_by": int,
+        },
+        pk="id",
+        not_null={"kind", "status"},
+        defaults={"status": "queued", "progress": 0.0, "params": "{}"},
+    )
+    db["jobs"].create_index(["status"])
+
+    db["models"].create(
+        {
+            "id": int, "name": str, "kind": str, "parent_id": int, "path": str,
+            "hub_id": str, "decoding": str, "job_id": int, "created_at": float,
+            "active": int, "metrics": str,
+        },
+        pk="id",
+        not_null={"name", "kind"},
+        defaults={"active": 1, "decoding": "{}", "metrics": "{}"},
+        foreign_keys=[("parent_id", "models", "id"), ("job_id", "jobs", "id")],
+    )
+    db["models"].create_index(["name"], unique=True)
+
+    db["prompts"].create(
+        {
+            "id": int, "text": str, "source": str, "parent_id": int, "operation": str,
+            "created_at": float,
+        },
+        pk="id",
+        not_null={"text", "source"},
+        foreign_keys=[("parent_id", "prompts", "id")],
+    )
+    db["prompts"].create_index(["text"], unique=True)
+
+    db["completions"].create(
+        {
+            "id": int, "prompt_id": int, "model_id": int, "text": str, "gen_params": str,
+            "tokens": int, "ms": float, "created_at": float,
+        },
+        pk="id",
+        not_null={"prompt_id", "model_id", "text"},
+        foreign_keys=[("prompt_id", "prompts", "id"), ("model_id", "models", "id")],
+    )
+    db["completions"].create_index(["model_id", "prompt_id"], unique=True)
+    db["completions"].create_index(["prompt_id"])
+
+    db["votes"].create(
+        {
+            "id": int, "prompt_id": int, "completion_a": int, "completion_b": int,
+            "model_a": int, "model_b": int, "annotator_id": int, "choice": str,
+            "rationale": str, "shown_at": float, "voted_at": float, "source": str,
+            "confidence": float, "client_key": str,
+        },
+        pk="id",
+        not_null={"prompt_id", "completion_a", "completion_b", "model_a", "model_b", "choice", "source"},
+        defaults={"source": "human"},
+        foreign_keys=[
+            ("prompt_id", "prompts", "id"),
+            ("completion_a", "completions", "id"),
+            ("completion_b", "completions", "id"),
+            ("model_a", "models", "id"),
+            ("model_b", "models", "id"),
+            ("annotator_id", "annotators", "id"),
+        ],
+    )
+    db["votes"].create_index(["annotator_id", "client_key"], unique=True)
+    db["votes"].create_index(["source", "model_a", "model_b", "choice"])
+    db["votes"].create_index(["prompt_id"])
+
+    # Every pair an annotator has voted on or skipped: they are never shown it again.
+    db["seen_pairs"].create(
+        {"annotator_id": int, "completion_lo": int, "completion_hi": int, "created_at": float},
+        pk=("annotator_id", "completion_lo", "completion_hi"),
+        foreign_keys=[("annotator_id", "annotators", "id")],
+    )
+
+    db["policy_pairs"].create(
+        {
+            "model_lo": int, "model_hi": int, "votes": int, "lo_wins": int,
+            "hi_wins": int, "ties": int, "both_bad": int,
+        },
+        pk=("model_lo", "model_hi"),
+    )
+    for trigger in _PAIR_STATS_TRIGGERS:
+        db.execute(trigger)

@@ -1,0 +1,153 @@
+"""Votes, skips and the pair statistics that pair selection reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlite_utils import Database
+
+CHOICES = ("a", "b", "tie", "both_bad")
+SOURCES = ("human", "weak", "simulated")
+
+
+@dataclass(frozen=True)
+class ShownPair:
+    """What one annotator was shown: stories in screen order (A left, B right)."""
+    prompt_id: int
+    completion_a: int
+    completion_b: int
+    model_a: int
+    model_b: int
+    shown_at: float
+
+
+def _ordered(x: int, y: int) -> tuple[int, int]:
+    return (x, y) if x < y else (y, x)
+
+
+def record_vote(
+    db: Database, pair: ShownPair, *, annotator_id: int | None, choice: str, client_key: str,
+    rationale: str = "", source: str = "human", confidence: float | None = None,
+) -> tuple[int, bool]:
+    """Store a vote once per client key; returns (vote id, whether it was new)."""
+    if choice not in CHOICES:
+        raise ValueError(f"Unknown choice {choice!r}; expected one of {', '.join(CHOICES)}.")
+    if source not in SOURCES:
+        raise ValueError(f"Unknown vote source {source!r}.")
+    now = time.time()
+    with db.atomic():
+        existing = db.execute(
+            "SELECT id FROM votes WHERE annotator_id IS ? AND client_key = ?", [annotator_id, client_key]
+        ).fetchone()
+        if existing:
+            return existing[0], False
+        vote_id = db["votes"].insert({
+            "prompt_id": pair.prompt_id, "completion_a": pair.completion_a,
+            "completion_b": pair.completion_b, "model_a": pair.model_a, "model_b": pair.model_b,
+            "annotator_id": annotator_id, "choice": choice, "rationale": rationale,
+            "shown_at": pair.shown_at, "voted_at": now, "source": source,
+            "confidence": confidence, "client_key": client_key,
+        }).last_pk
+        if annotator_id is not None:
+            mark_seen(db, annotator_id, pair.completion_a, pair.completion_b)
+    return vote_id, True
+
+
+def mark_seen(db: Database, annotator_id: int, completion_x: int, completion_y: int) -> None:
+    """Remember a pair (voted or skipped) so this annotator never gets it again."""
+    lo, hi = _ordered(completion_x, completion_y)
+    db["seen_pairs"].insert(
+        {"annotator_id": annotator_id, "completion_lo": lo, "completion_hi": hi, "created_at": time.time()},
+        ignore=True,
+    )
+
+
+def undo_vote(db: Database, vote_id: int, annotator_id: int, window_s: float) -> dict | None:
+    """Delete the annotator's own vote if it is younger than the window; returns the deleted row."""
+    rows = list(db["votes"].rows_where("id = ? AND annotator_id = ?", [vote_id, annotator_id]))
+    if not rows or time.time() - rows[0]["voted_at"] > window_s:
+        return None
+    vote = rows[0]
+    lo, hi = _ordered(vote["completion_a"], vote["completion_b"])
+    with db.atomic():
+        db.execute("DELETE FROM votes WHERE id = ?", [vote_id])
+        db.execute(
+            "DELETE FROM seen_pairs WHERE annotator_id = ? AND completion_lo = ? AND completion_hi = ?",
+            [annotator_id, lo, hi],
+        )
+    return vote
+
+
+def policy_pair_stats(db: Database) -> list[dict]:
+    """Human vote totals per policy pair (maintained by triggers, so this read is cheap)."""
+    return list(db.query("SELECT * FROM policy_pairs WHERE votes > 0"))
+
+
+def find_unseen_pair(db: Database, annotator_id: int, model_x: int, model_y: int) -> dict | None:
+    """A random prompt where both policies have stories this annotator has not judged together."""
+    row = db.execute(
+        "SELECT cx.prompt_id, cx.id AS completion_x, cy.id AS completion_y"
+        " FROM completions cx JOIN completions cy"
+        "   ON cy.prompt_id = cx.prompt_id AND cy.model_id = :y"
+        " WHERE cx.model_id = :x AND NOT EXISTS ("
+        "   SELECT 1 FROM seen_pairs s WHERE s.annotator_id = :a"
+        "   AND s.completion_lo = min(cx.id, cy.id) AND s.completion_hi = max(cx.id, cy.id))"
+        " ORDER BY random() LIMIT 1",
+        {"x": model_x, "y": model_y, "a": annotator_id},
+    ).fetchone()
+    if row is None:
+        return None
+    return {"prompt_id": row[0], "completion_x": row[1], "completion_y": row[2]}
+
+
+def human_comparisons(db: Database) -> list[dict]:
+    """Human votes aggregated as (model_a, model_b, choice, n) for ranking."""
+    return list(db.query(
+        "SELECT model_a, model_b, choice, count(*) AS n FROM votes WHERE source = 'human'"
+        " GROUP BY model_a, model_b, choice"
+    ))
+
+
+def annotator_vote_count(db: Database, annotator_id: int) -> int:
+    return db.execute(
+        "SELECT count(*) FROM votes WHERE annotator_id = ?", [annotator_id]
+    ).fetchone()[0]
+
+
+def votes_per_annotator(db: Database) -> list[dict]:
+    return list(db.query(
+        "SELECT coalesce(a.name, '(none)') AS annotator, coalesce(a.role, '') AS role,"
+        " count(*) AS votes, sum(v.choice = 'tie') AS ties, sum(v.choice = 'both_bad') AS both_bad"
+        " FROM votes v LEFT JOIN annotators a ON a.id = v.annotator_id"
+        " GROUP BY v.annotator_id ORDER BY votes DESC"
+    ))
+
+
+def votes_per_source(db: Database) -> list[dict]:
+    return list(db.query(
+        "SELECT source, count(*) AS votes, sum(choice = 'a') + sum(choice = 'b') AS decided,"
+        " sum(choice = 'tie') AS ties, sum(choice = 'both_bad') AS both_bad"
+        " FROM votes GROUP BY source ORDER BY source"
+    ))
+
+
+def preference_rows(db: Database, sources: tuple[str, ...] = ("human",)) -> Iterator[dict]:
+    """Every vote with its prompt and both stories, for exporting training data."""
+    marks = ", ".join("?" for _ in sources)
+    yield from db.query(
+        "SELECT v.id, v.choice, v.source, v.confidence, v.annotator_id, v.rationale,"
+        " p.text AS prompt, ca.text AS text_a, cb.text AS text_b,"
+        " v.model_a, v.model_b"
+        " FROM votes v JOIN prompts p ON p.id = v.prompt_id"
+        " JOIN completions ca ON ca.id = v.completion_a"
+        " JOIN completions cb ON cb.id = v.completion_b"
+        f" WHERE v.source IN ({marks}) ORDER BY v.id",
+        list(sources),
+    )
+
+
+def human_vote_total(db: Database) -> int:
+    """Total human votes, from the trigger-maintained pair table (cheap at any size)."""
+    return db.execute("SELECT coalesce(sum(votes), 0) FROM policy_pairs").fetchone()[0]

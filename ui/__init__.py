@@ -1,0 +1,1 @@
+"""Gradio only: the tabs of the arena. Logic lives in rlhf/, SQL in storage/."""

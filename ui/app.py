@@ -1,0 +1,75 @@
+"""Builds the whole page: sign-in row and the tabs, wired to one session state."""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from rlhf import arena
+from rlhf.settings import Settings
+from storage.db import Store
+from ui.arena import KEYBOARD_JS, build_arena_tab
+from ui.compare import build_compare_tab
+from ui.data import build_data_tab
+from ui.leaderboard import build_leaderboard_tab
+from ui.models import build_models_tab
+
+CSS = """
+.story, .prompt { white-space: pre-wrap; line-height: 1.5; padding: 0.75rem; border-radius: 8px;
+  background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
+.prompt { font-weight: 600; }
+.story { min-height: 12rem; }
+.compare-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(18rem, 1fr)); gap: 0.75rem; }
+"""
+
+
+def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
+    """The Blocks app and the keyword arguments its launch() needs (CSS, keyboard script)."""
+    with gr.Blocks(title="Story Arena") as demo:
+        session = gr.State(None)
+        gr.Markdown("# Story Arena\nWhich story is better? Your votes train the next storytellers.")
+        with gr.Row(equal_height=True):
+            name = gr.Textbox(label="Your name", max_length=settings.max_name_chars, elem_id="annotator-name", scale=3)
+            key = gr.Textbox(label="Researcher key (researchers only)", type="password", max_length=200, scale=2)
+            sign_in = gr.Button("Sign in", variant="primary", elem_id="sign-in", scale=1)
+        who_md = gr.Markdown(elem_id="who")
+        with gr.Tabs():
+            with gr.Tab("Arena", id="arena"):
+                arena_tab = build_arena_tab(settings, store, session)
+            with gr.Tab("Leaderboard", id="leaderboard"):
+                load_board, board_outputs = build_leaderboard_tab(store)
+            with gr.Tab("Compare", id="compare"):
+                load_prompts, prompt_picker = build_compare_tab(store)
+            with gr.Tab("Models", id="models"):
+                load_models, models_table, model_tools = build_models_tab(settings, store, session)
+            with gr.Tab("Data", id="data"):
+                load_counts, count_outputs, data_tools = build_data_tab(settings, store, session)
+
+        def do_sign_in(name_text, key_text, current_pair):
+            try:
+                who = arena.sign_in(store, settings, name_text, key_text)
+            except arena.ArenaError as exc:
+                raise gr.Error(str(exc)) from exc
+            researcher = who["role"] in ("researcher", "admin")
+            welcome = f"Signed in as **{html.escape(who['name'])}** ({who['role']})."
+            return (
+                who, welcome, gr.Group(visible=researcher), gr.Group(visible=researcher),
+                *arena_tab["load_pair"](who, None), *load_counts(who),
+            )
+
+        sign_in.click(
+            do_sign_in, [name, key, arena_tab["pair_state"]],
+            [session, who_md, model_tools, data_tools, *arena_tab["outputs"], *count_outputs],
+            api_name="sign_in",
+        )
+        name.submit(
+            do_sign_in, [name, key, arena_tab["pair_state"]],
+            [session, who_md, model_tools, data_tools, *arena_tab["outputs"], *count_outputs],
+            api_visibility="private",
+        )
+        demo.load(load_board, None, board_outputs, api_visibility="private")
+        demo.load(load_prompts, None, prompt_picker, api_visibility="private")
+        demo.load(load_models, None, models_table, api_visibility="private")
+        demo.load(lambda: load_counts(None)[0], None, count_outputs[0], api_visibility="private")
+    return demo, {"css": CSS, "head": KEYBOARD_JS}

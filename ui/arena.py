@@ -1,0 +1,130 @@
+"""Arena tab: a prompt, two anonymous stories, four choices, skip and undo."""
+
+from __future__ import annotations
+
+import html
+import time
+
+import gradio as gr
+
+from rlhf import arena
+from rlhf.settings import Settings
+from storage.db import Store
+from ui.common import require_signed_in, story_html
+
+CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
+SHORTCUTS = {"a": "1", "b": "2", "tie": "3", "both_bad": "4"}
+
+# Keyboard shortcuts click the buttons, so a key press takes exactly the path of a click.
+KEYBOARD_JS = """
+<script>
+document.addEventListener('keydown', (event) => {
+  const target = event.target;
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (target && (target.tagName === 'TEXTAREA' || target.tagName === 'INPUT' || target.isContentEditable)) return;
+  const ids = {'1': 'vote-a', '2': 'vote-b', '3': 'vote-tie', '4': 'vote-both_bad', 's': 'skip-pair', 'u': 'undo-vote'};
+  const id = ids[event.key.toLowerCase()];
+  const button = id && document.getElementById(id);
+  if (button && !button.disabled) { event.preventDefault(); button.click(); }
+});
+</script>
+"""
+
+HELP = (
+    "Read the prompt and both stories, then choose. **Keys:** `1` A is better · `2` B is better · "
+    "`3` tie · `4` both bad · `S` skip · `U` undo the last vote (within {undo:.0f} s). "
+    "The policies' names are shown after you vote."
+)
+
+
+def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict:
+    """Lay out the tab and wire its events; returns components other tabs hook into."""
+    gr.Markdown(HELP.format(undo=settings.undo_window_s))
+    status = gr.Markdown("Sign in with a name (top of the page) to start voting.", elem_id="arena-status")
+    prompt = gr.HTML(elem_id="arena-prompt")
+    with gr.Row(equal_height=True):
+        with gr.Column():
+            gr.Markdown("### Story A")
+            story_a = gr.HTML(elem_id="story-a")
+        with gr.Column():
+            gr.Markdown("### Story B")
+            story_b = gr.HTML(elem_id="story-b")
+    with gr.Row():
+        buttons = {c: gr.Button(f"{label} ({SHORTCUTS[c]})", elem_id=f"vote-{c}", variant="primary" if c in "ab" else "secondary")
+                   for c, label in CHOICE_LABELS.items()}
+        skip = gr.Button("Skip (S)", elem_id="skip-pair")
+    rationale = gr.Textbox(label="Why? (optional)", max_lines=4, max_length=settings.max_rationale_chars, elem_id="rationale")
+    with gr.Row():
+        reveal = gr.HTML(elem_id="reveal")
+        undo = gr.Button("Undo last vote (U)", elem_id="undo-vote", size="sm")
+    client_key = gr.Textbox(visible=False, elem_id="client-key")
+    pair_state = gr.State(None)
+    last_vote = gr.State(None)
+    poll = gr.Timer(2.0, active=True)
+
+    outputs = [status, prompt, story_a, story_b, pair_state, client_key, poll]
+
+    def show(view: arena.PairView | None, who: dict | None):
+        if who is None:
+            return ("Sign in with a name (top of the page) to start voting.", "", "", "", None, "", gr.Timer(active=False))
+        count = arena.vote_count(store, who["id"])
+        if view is None:
+            waiting = arena.preparing_message(store) or "No new pairs for you right now: more stories are being written. This page checks again every few seconds."
+            return (f"**{html.escape(waiting)}** · your votes: {count}", "", "", "", None, "", gr.Timer(active=True))
+        return (
+            f"Signed in as **{html.escape(who['name'])}** · your votes: **{count}**",
+            story_html(view.prompt, "prompt"), story_html(view.story_a), story_html(view.story_b),
+            view, view.client_key, gr.Timer(active=False),
+        )
+
+    def load_pair(who: dict | None, current: arena.PairView | None):
+        if current is not None:
+            return show(current, who)
+        return show(arena.next_pair(store, who["id"]) if who else None, who)
+
+    def poll_for_pair(who: dict | None, current: arena.PairView | None):
+        if who is None or current is not None:
+            return (gr.skip(),) * (len(outputs) - 1) + (gr.Timer(active=False),)
+        return load_pair(who, current)
+
+    def make_vote(choice: str):
+        def vote(who, current, key, reason, previous):
+            who = require_signed_in(who)
+            if current is None:
+                raise gr.Error("There is no pair on screen to vote on.")
+            if key != current.client_key:
+                # A double click or a retry of a vote already counted: change nothing.
+                return (gr.skip(),) * (len(outputs) + 3)
+            try:
+                vote_id, _ = arena.submit_vote(store, settings, who["id"], current, choice, reason, key)
+            except arena.ArenaError as exc:
+                raise gr.Error(str(exc)) from exc
+            revealed = (
+                f"You chose <b>{CHOICE_LABELS[choice]}</b>. A was <b>{html.escape(current.name_a)}</b>, "
+                f"B was <b>{html.escape(current.name_b)}</b>."
+            )
+            return (*show(arena.next_pair(store, who["id"]), who), "", revealed, (vote_id, time.time()))
+        return vote
+
+    def skip_pair(who, current):
+        who = require_signed_in(who)
+        if current is not None:
+            arena.skip_pair(store, who["id"], current)
+        return (*show(arena.next_pair(store, who["id"]), who), "Skipped.")
+
+    def undo_last(who, previous):
+        who = require_signed_in(who)
+        view = arena.undo_vote(store, settings, who["id"], previous[0]) if previous else None
+        if view is None:
+            raise gr.Error(f"Nothing to undo: votes can be taken back for {settings.undo_window_s:.0f} s.")
+        return (*show(view, who), "Vote undone: choose again.", None)
+
+    for choice, button in buttons.items():
+        button.click(
+            make_vote(choice), [session, pair_state, client_key, rationale, last_vote],
+            [*outputs, rationale, reveal, last_vote], api_name=f"vote_{choice}", trigger_mode="once",
+        )
+    skip.click(skip_pair, [session, pair_state], [*outputs, reveal], api_name="skip", trigger_mode="once")
+    undo.click(undo_last, [session, last_vote], [*outputs, reveal, last_vote], api_name="undo", trigger_mode="once")
+    poll.tick(poll_for_pair, [session, pair_state], outputs, api_visibility="private", show_progress="hidden")
+    return {"load_pair": load_pair, "outputs": outputs, "pair_state": pair_state}

@@ -1,0 +1,70 @@
+"""Models tab: policies with lineage; researchers add models and switch them on or off."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+import pandas as pd
+
+from rlhf import policies
+from rlhf.settings import Settings
+from storage import completions, models
+from storage.db import Store
+from ui.common import require_researcher
+
+COLUMNS = ["id", "name", "kind", "parent", "source", "decoding", "active", "stories"]
+
+
+def policy_table(store: Store) -> pd.DataFrame:
+    db = store.db
+    records = models.list_models(db)
+    names = {m.id: m.name for m in records}
+    sizes = completions.pool_sizes(db)
+    return pd.DataFrame(
+        [[m.id, m.name, m.kind, names.get(m.parent_id, ""), m.source, json.dumps(m.decoding),
+          m.active, sizes.get(m.id, 0)] for m in records],
+        columns=COLUMNS,
+    )
+
+
+def build_models_tab(settings: Settings, store: Store, session: gr.State):
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="models-table")
+    refresh = gr.Button("Refresh", size="sm")
+    with gr.Group(visible=False) as researcher_tools:
+        gr.Markdown("#### Add a policy (researchers)")
+        with gr.Row():
+            name = gr.Textbox(label="Policy name", max_length=60)
+            source = gr.Textbox(label="Local model folder or Hub id", max_length=300)
+            decoding = gr.Textbox(label="Decoding (JSON)", value='{"temperature": 0.8, "top_p": 0.95}', max_length=500)
+        add = gr.Button("Add policy", variant="primary")
+        gr.Markdown("#### Switch a policy on or off")
+        with gr.Row():
+            model_id = gr.Number(label="Policy id", precision=0)
+            active = gr.Checkbox(label="Active (shown in the arena)", value=True)
+            apply = gr.Button("Apply")
+        result = gr.Markdown()
+
+    def add_policy(who, name_text, source_text, decoding_text):
+        who = require_researcher(who)
+        try:
+            record = policies.add_policy(store, settings, name_text, source_text,
+                                         policies.parse_decoding(decoding_text), who["id"])
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return policy_table(store), f"Added **{record.name}** (id {record.id}); its stories are being written."
+
+    def switch(who, model, on):
+        require_researcher(who)
+        if model is None:
+            raise gr.Error("Enter a policy id.")
+        try:
+            record = policies.set_active(store, int(model), bool(on))
+        except LookupError as exc:
+            raise gr.Error(str(exc)) from exc
+        return policy_table(store), f"**{record.name}** is now {'active' if record.active else 'inactive'}."
+
+    refresh.click(lambda: policy_table(store), None, table, api_name="models")
+    add.click(add_policy, [session, name, source, decoding], [table, result], api_name="add_policy")
+    apply.click(switch, [session, model_id, active], [table, result], api_name="set_active")
+    return (lambda: policy_table(store)), table, researcher_tools
