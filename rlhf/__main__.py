@@ -72,6 +72,33 @@ def cmd_jobs(settings: Settings, args) -> dict:
     return {"jobs": job_rows.list_jobs(settings.store().db, limit=args.limit)}
 
 
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def train_params(args) -> dict:
+    """Job parameters from --base/--max-steps/--preset and repeated --set key=value."""
+    params = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}.")
+        params[key] = _parse_value(value)
+    for key in ("base", "max_steps", "preset"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    return params
+
+
+def cmd_train(settings: Settings, args) -> dict:
+    job = jobs.run_inline(settings, args.kind, train_params(args))
+    return {"job_id": job["id"], "kind": job["kind"], "status": job["status"], "error": job["error"],
+            "model_id": job["result_model_id"], "metrics": job["metrics"]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlhf", description="Story Arena: data, models and training from the command line.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "write human preferences as TRL-format JSON lines")
     export.add_argument("--out", type=Path, help="output file (default <data dir>/exports/preferences.jsonl)")
     export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")
+    train = command("train", cmd_train, "run a training job to completion (the same job the Train tab queues)")
+    train.add_argument("kind", choices=sorted(jobs.TRAINING_KINDS), help="what to train")
+    train.add_argument("--base", type=int, help="base policy (or reward model) id")
+    train.add_argument("--max-steps", type=int, help="override the preset's step budget")
+    train.add_argument("--preset", choices=["quick", "full"], help="step budget (default quick)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other parameter (value parsed as JSON when it can be)")
     job_list = command("jobs", cmd_jobs, "list background jobs")
     job_list.add_argument("--limit", type=int, default=50)
     return parser

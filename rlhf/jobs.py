@@ -10,6 +10,7 @@ Run one job by hand: `python -m rlhf.jobs run JOB_ID --data-dir DIR`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import subprocess
@@ -21,16 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlhf.settings import Settings, add_arguments, from_args
+from rlhf.training import JobCancelled, JobProgress
 from storage import jobs as job_rows
 from storage.db import Store
 from storage.models import ModelRecord
 
 CANCEL_GRACE_S = 5.0
 JobFunction = Callable[[Settings, dict, Callable[[float, str], None]], "ModelRecord | None"]
-
-
-class JobCancelled(Exception):
-    """Raised inside a job when a researcher cancels it."""
 
 
 def _prepare_job(settings: Settings, params: dict, progress) -> None:
@@ -45,9 +43,23 @@ def _generate_job(settings: Settings, params: dict, progress) -> None:
     fill_pool(settings.store(), settings, params["model_ids"], params.get("prompts"), progress)
 
 
-def job_kinds() -> dict[str, JobFunction]:
-    """Every job kind and the function that runs it (heavy imports stay inside them)."""
-    return {"prepare": _prepare_job, "generate": _generate_job}
+BUILTIN_KINDS: dict[str, JobFunction] = {"prepare": _prepare_job, "generate": _generate_job}
+# Training kinds: module and entry point, imported only by the job that runs one.
+TRAINING_KINDS: dict[str, tuple[str, str]] = {
+    "reward": ("rlhf.reward", "train_reward"),
+    "dpo": ("rlhf.dpo", "train_dpo"),
+    "rloo": ("rlhf.rloo", "train_rloo"),
+    "pretrain": ("rlhf.pretrain", "train_pretrain"),
+}
+
+
+def job_function(kind: str) -> JobFunction:
+    if kind in BUILTIN_KINDS:
+        return BUILTIN_KINDS[kind]
+    if kind in TRAINING_KINDS:
+        module, function = TRAINING_KINDS[kind]
+        return getattr(importlib.import_module(module), function)
+    raise ValueError(f"Unknown job kind {kind!r}.")
 
 
 def log_path(settings: Settings, job_id: int) -> Path:
@@ -59,17 +71,9 @@ def execute(settings: Settings, job_id: int) -> dict:
     store = settings.store()
     db = store.db
     job = job_rows.get_job(db, job_id)
-    kind = job_kinds().get(job["kind"])
-
-    def progress(fraction: float, message: str) -> None:
-        print(f"[{fraction:6.1%}] {message}", file=sys.stderr, flush=True)
-        if not job_rows.report_progress(db, job_id, fraction, message):
-            raise JobCancelled()
-
+    progress = JobProgress(settings, job_id)
     try:
-        if kind is None:
-            raise ValueError(f"Unknown job kind {job['kind']!r}.")
-        result = kind(settings, job["params"], progress)
+        result = job_function(job["kind"])(settings, job["params"], progress)
     except JobCancelled:
         job_rows.finish_job(db, job_id, "cancelled", error="cancelled by a researcher")
     except Exception as exc:
@@ -140,6 +144,7 @@ class JobWorker:
             sys.executable, "-m", "rlhf.jobs", "run", str(job["id"]),
             "--data-dir", str(self.settings.data_dir), "--starter", self.settings.starter,
             "--device", self.settings.device,
+            *(["--pool-prompts", str(self.settings.pool_prompts)] if self.settings.pool_prompts else []),
         ]
         with path.open("ab") as log:
             self._proc = subprocess.Popen(

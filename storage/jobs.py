@@ -93,3 +93,13 @@ def request_cancel(db: Database, job_id: int) -> str:
 
 def running_jobs(db: Database) -> list[dict]:
     return [_decode(r) for r in db["jobs"].rows_where("status IN ('running', 'cancelling')")]
+
+
+def requeue(db: Database, job_id: int) -> None:
+    """Queue an interrupted or failed job again; it resumes from its last checkpoint."""
+    with db.atomic():
+        status = get_job(db, job_id)["status"]
+        if status not in ("interrupted", "failed", "cancelled"):
+            raise ValueError(f"Job {job_id} is {status}; only interrupted, failed or cancelled jobs can be resumed.")
+        db["jobs"].update(job_id, {"status": "queued", "message": "queued to resume", "error": None,
+                                   "finished_at": None, "pid": None})

@@ -14,12 +14,15 @@ from ui.compare import build_compare_tab
 from ui.data import build_data_tab
 from ui.leaderboard import build_leaderboard_tab
 from ui.models import build_models_tab
+from ui.train import build_jobs_tab, build_train_tab
 
 CSS = """
 .story, .prompt { white-space: pre-wrap; line-height: 1.5; padding: 0.75rem; border-radius: 8px;
   background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
 .prompt { font-weight: 600; }
 .story { min-height: 12rem; }
+table.jobs { width: 100%; border-collapse: collapse; }
+table.jobs td, table.jobs th { padding: 0.25rem 0.5rem; border-bottom: 1px solid var(--border-color-primary); text-align: left; }
 .compare-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(18rem, 1fr)); gap: 0.75rem; }
 """
 
@@ -45,8 +48,13 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
                 load_models, models_table, model_tools = build_models_tab(settings, store, session)
             with gr.Tab("Data", id="data"):
                 load_counts, count_outputs, data_tools = build_data_tab(settings, store, session)
+            with gr.Tab("Train", id="train"):
+                load_bases, base_picker, train_tools = build_train_tab(settings, store, session)
+            with gr.Tab("Jobs", id="jobs"):
+                load_jobs, jobs_table, job_tools = build_jobs_tab(settings, store, session)
+        researcher_groups = [model_tools, data_tools, train_tools, job_tools]
 
-        def do_sign_in(name_text, key_text, current_pair):
+        def do_sign_in(name_text, key_text):
             try:
                 who = arena.sign_in(store, settings, name_text, key_text)
             except arena.ArenaError as exc:
@@ -54,22 +62,17 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             researcher = who["role"] in ("researcher", "admin")
             welcome = f"Signed in as **{html.escape(who['name'])}** ({who['role']})."
             return (
-                who, welcome, gr.Group(visible=researcher), gr.Group(visible=researcher),
+                who, welcome, *[gr.Group(visible=researcher) for _ in researcher_groups],
                 *arena_tab["load_pair"](who, None), *load_counts(who),
             )
 
-        sign_in.click(
-            do_sign_in, [name, key, arena_tab["pair_state"]],
-            [session, who_md, model_tools, data_tools, *arena_tab["outputs"], *count_outputs],
-            api_name="sign_in",
-        )
-        name.submit(
-            do_sign_in, [name, key, arena_tab["pair_state"]],
-            [session, who_md, model_tools, data_tools, *arena_tab["outputs"], *count_outputs],
-            api_visibility="private",
-        )
+        sign_in_outputs = [session, who_md, *researcher_groups, *arena_tab["outputs"], *count_outputs]
+        sign_in.click(do_sign_in, [name, key], sign_in_outputs, api_name="sign_in")
+        name.submit(do_sign_in, [name, key], sign_in_outputs, api_visibility="private")
         demo.load(load_board, None, board_outputs, api_visibility="private")
         demo.load(load_prompts, None, prompt_picker, api_visibility="private")
         demo.load(load_models, None, models_table, api_visibility="private")
+        demo.load(load_bases, None, base_picker, api_visibility="private")
+        demo.load(load_jobs, None, jobs_table, api_visibility="private")
         demo.load(lambda: load_counts(None)[0], None, count_outputs[0], api_visibility="private")
     return demo, {"css": CSS, "head": KEYBOARD_JS}

@@ -127,4 +127,4 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
     skip.click(skip_pair, [session, pair_state], [*outputs, reveal], api_name="skip", trigger_mode="once")
     undo.click(undo_last, [session, last_vote], [*outputs, reveal, last_vote], api_name="undo", trigger_mode="once")
     poll.tick(poll_for_pair, [session, pair_state], outputs, api_visibility="private", show_progress="hidden")
-    return {"load_pair": load_pair, "outputs": outputs, "pair_state": pair_state}
+    return {"load_pair": load_pair, "outputs": outputs}

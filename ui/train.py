@@ -1,0 +1,172 @@
+"""Train and Jobs tabs: researchers queue training jobs and watch, cancel or resume them."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from rlhf.jobs import TRAINING_KINDS, log_path
+from rlhf.settings import Settings
+from rlhf.training import read_metrics
+from storage import jobs as job_rows
+from storage import models
+from storage.db import Store
+from ui.common import require_researcher
+
+KIND_HELP = {
+    "reward": "Reward model on the human preferences (RewardTrainer). Base: the policy whose weights start it.",
+    "dpo": "Direct Preference Optimization on the preferences (DPOTrainer; loss_type sigmoid, ipo or robust).",
+    "rloo": "RLHF with RLOO and a reward model (set reward_model in the extra parameters).",
+    "pretrain": "BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
+}
+UPLOAD_SUFFIXES = (".txt", ".jsonl")
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+LOG_TAIL_LINES = 40
+
+
+def _model_choices(store: Store) -> list[tuple[str, int]]:
+    return [(f"#{m.id} {m.name} ({m.kind})", m.id) for m in models.list_models(store.db)]
+
+
+def job_params(kind: str, base: int | None, preset: str, max_steps: float | None, extra: str, corpus: str | None) -> dict:
+    """The job's parameters from the form; the kind's own dataclass validates them in the job."""
+    if kind not in TRAINING_KINDS:
+        raise ValueError(f"Choose what to train: {', '.join(TRAINING_KINDS)}.")
+    try:
+        params = json.loads(extra or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Extra parameters must be a JSON object: {exc.msg}.") from exc
+    if not isinstance(params, dict):
+        raise ValueError("Extra parameters must be a JSON object.")
+    params["preset"] = preset
+    if base is not None and kind != "pretrain":
+        params["base"] = int(base)
+    if max_steps:
+        params["max_steps"] = int(max_steps)
+    if kind == "pretrain" and corpus:
+        params.setdefault("corpus", {"file": corpus})
+    return params
+
+
+def save_upload(settings: Settings, upload: str | None) -> str | None:
+    """Copy an uploaded corpus into the data dir (the temp copy Gradio made goes away)."""
+    if not upload:
+        return None
+    source = Path(upload)
+    if source.suffix.lower() not in UPLOAD_SUFFIXES:
+        raise ValueError("Upload a .txt (stories separated by blank lines) or .jsonl (a \"text\" field per line) file.")
+    if source.stat().st_size > MAX_UPLOAD_BYTES:
+        raise ValueError("The corpus is larger than 200 MB.")
+    target = settings.data_dir / "uploads" / f"{int(time.time())}-{source.name}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return str(target)
+
+
+def jobs_html(store: Store) -> str:
+    """The jobs table with progress bars; every text cell escaped."""
+    rows = []
+    for job in job_rows.list_jobs(store.db, limit=30):
+        percent = int(round(100 * (job["progress"] or 0)))
+        detail = job["error"] or job["message"] or ""
+        rows.append(
+            f"<tr><td>{job['id']}</td><td>{html.escape(job['kind'])}</td><td>{html.escape(job['status'])}</td>"
+            f'<td><progress value="{percent}" max="100"></progress> {percent}%</td>'
+            f"<td>{html.escape(detail[:200])}</td><td>{job['result_model_id'] or ''}</td></tr>"
+        )
+    head = "<tr><th>id</th><th>kind</th><th>status</th><th>progress</th><th>message</th><th>model</th></tr>"
+    return f'<table class="jobs">{head}{"".join(rows)}</table>'
+
+
+def _log_tail(settings: Settings, job_id: int) -> str:
+    path = log_path(settings, job_id)
+    if not path.exists():
+        return "(no log yet)"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _loss_frame(settings: Settings, job_id: int) -> pd.DataFrame:
+    points = [(m["step"], m["loss"]) for m in read_metrics(settings, job_id) if "loss" in m]
+    return pd.DataFrame(points, columns=["step", "loss"])
+
+
+def build_train_tab(settings: Settings, store: Store, session: gr.State):
+    gr.Markdown("Researchers only. Jobs run one at a time in the background; the result enters the arena by itself.")
+    with gr.Group(visible=False) as tools:
+        kind = gr.Dropdown(label="Kind", choices=list(TRAINING_KINDS), value="reward")
+        kind_help = gr.Markdown(KIND_HELP["reward"])
+        base = gr.Dropdown(label="Base policy / model", choices=[])
+        preset = gr.Radio(["quick", "full"], value="quick", label="Budget (quick: under 10 minutes on 2 CPU cores for the starter)")
+        max_steps = gr.Number(label="Max steps (empty: from the budget)", precision=0)
+        extra = gr.Textbox(label="Extra parameters (JSON)", value="{}", max_length=2000,
+                           placeholder='e.g. {"loss_type": "ipo", "beta": 0.1} or {"reward_model": 3}')
+        corpus = gr.File(label="Corpus for pretrain (.txt or .jsonl)", file_types=list(UPLOAD_SUFFIXES), type="filepath")
+        launch = gr.Button("Queue training job", variant="primary")
+        launched = gr.Markdown()
+
+    def launch_job(who, kind_value, base_value, preset_value, steps, extra_text, upload):
+        who = require_researcher(who)
+        try:
+            corpus_path = save_upload(settings, upload) if kind_value == "pretrain" else None
+            params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        job_id = job_rows.create_job(store.db, kind_value, params, who["id"])
+        return f"Queued job **{job_id}** ({html.escape(kind_value)}). Follow it in the Jobs tab."
+
+    kind.change(lambda k: KIND_HELP.get(k, ""), kind, kind_help, api_visibility="private")
+    launch.click(launch_job, [session, kind, base, preset, max_steps, extra, corpus], launched, api_name="train")
+    return (lambda: gr.Dropdown(choices=_model_choices(store))), base, tools
+
+
+def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
+    table = gr.HTML(elem_id="jobs-table")
+    with gr.Row():
+        job_id = gr.Number(label="Job id", precision=0)
+        show = gr.Button("Show log and loss")
+    with gr.Group(visible=False) as tools:
+        with gr.Row():
+            cancel = gr.Button("Cancel job", variant="stop")
+            resume = gr.Button("Resume job")
+        action = gr.Markdown()
+    loss = gr.LinePlot(x="step", y="loss", label="Training loss")
+    log = gr.Code(label="Log (last lines)", language=None)
+    timer = gr.Timer(3.0)
+
+    def details(job):
+        if job is None:
+            return gr.skip(), gr.skip()
+        try:
+            job_rows.get_job(store.db, int(job))
+        except LookupError as exc:
+            raise gr.Error(str(exc)) from exc
+        return _loss_frame(settings, int(job)), _log_tail(settings, int(job))
+
+    def cancel_job(who, job):
+        require_researcher(who)
+        try:
+            status = job_rows.request_cancel(store.db, int(job))
+        except (LookupError, TypeError) as exc:
+            raise gr.Error(f"No job {job}.") from exc
+        return jobs_html(store), f"Job {int(job)}: {status}."
+
+    def resume_job(who, job):
+        require_researcher(who)
+        try:
+            job_rows.requeue(store.db, int(job))
+        except (LookupError, ValueError, TypeError) as exc:
+            raise gr.Error(str(exc)) from exc
+        return jobs_html(store), f"Job {int(job)} queued again; it resumes from its last checkpoint."
+
+    show.click(details, job_id, [loss, log], api_name="job_details")
+    cancel.click(cancel_job, [session, job_id], [table, action], api_name="cancel_job")
+    resume.click(resume_job, [session, job_id], [table, action], api_name="resume_job")
+    timer.tick(lambda: jobs_html(store), None, table, api_visibility="private", show_progress="hidden")
+    return (lambda: jobs_html(store)), table, tools
