@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("init", cmd_init, "prepare the data dir: seed prompts, starter model and policies, their story pool (idempotent)")
     command("models", cmd_models, "list policies with lineage and pool sizes")
-    generate = command("generate", cmd_generate, "write stories for a policy on prompts it has none for")
+    generate = command("generate", cmd_generate, "write a policy's missing stories for the first N prompts")
     generate.add_argument("--model", type=int, required=True, help="policy id (see `models`)")
-    generate.add_argument("--prompts", type=int, help="how many prompts (default: all missing)")
+    generate.add_argument("--prompts", type=int, help="cover the first N prompts (default: all); stories already written are kept")
     board = command("leaderboard", cmd_leaderboard, "Bradley-Terry standings with bootstrap 95%% intervals")
     board.add_argument("--rounds", type=int, default=200, help="bootstrap rounds")
     export = command("export", cmd_export, "write human preferences as TRL-format JSON lines")

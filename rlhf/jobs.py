@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlhf.settings import Settings, add_arguments, from_args
-from rlhf.training import JobCancelled, JobProgress
+from rlhf.progress import JobCancelled, JobProgress
 from storage import jobs as job_rows
 from storage.db import Store
 from storage.models import ModelRecord
@@ -146,12 +146,17 @@ class JobWorker:
             "--device", self.settings.device,
             *(["--pool-prompts", str(self.settings.pool_prompts)] if self.settings.pool_prompts else []),
         ]
-        with path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
-            )
+        db = Store(self.settings.db_path).db
+        try:
+            with path.open("ab") as log:
+                self._proc = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
+                )
+        except OSError as exc:
+            job_rows.finish_job(db, job["id"], "failed", error=f"could not start the job process: {exc}")
+            return
         self._job_id, self._term_sent_at = job["id"], None
-        job_rows.update_job(Store(self.settings.db_path).db, job["id"], pid=self._proc.pid, log_path=str(path))
+        job_rows.update_job(db, job["id"], pid=self._proc.pid, log_path=str(path))
 
     def _watch(self, db) -> None:
         assert self._proc is not None and self._job_id is not None

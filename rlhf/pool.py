@@ -21,7 +21,7 @@ def fill_pool(
     store: Store, settings: Settings, model_ids: Sequence[int], prompt_limit: int | None,
     progress: Progress, seed: int | None = None,
 ) -> int:
-    """Generate the missing stories of `model_ids` for the first `prompt_limit` prompts."""
+    """Generate the missing stories of `model_ids` among the first `prompt_limit` prompts."""
     db = store.db
     policies = [models.get_model(db, i) for i in model_ids]
     todo = {

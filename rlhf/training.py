@@ -8,10 +8,7 @@ repeating the plumbing around the TRL / transformers trainer they use.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import sys
-import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -21,61 +18,11 @@ from transformers.utils import is_torch_bf16_gpu_available
 from rlhf.export import preference_records
 from rlhf.models import resolve_device
 from rlhf.policies import queue_pool
+from rlhf.progress import JobProgress
 from rlhf.settings import Settings
-from storage import jobs as job_rows
 from storage import models
 from storage.db import Store
 from storage.models import ModelRecord
-
-
-class JobCancelled(Exception):
-    """Raised inside a job when a researcher cancels it."""
-
-
-class JobProgress:
-    """Progress of one job: a callable `progress(fraction, message)` plus its files.
-
-    Calling it writes the job row (and raises JobCancelled once the job was cancelled);
-    `log_metrics` appends a line to the job's metrics file, which the Jobs tab plots.
-    Used with job_id=None (no row) by code that runs outside a job, e.g. benchmarks.
-    """
-
-    def __init__(self, settings: Settings, job_id: int | None):
-        self.settings = settings
-        self.job_id = job_id
-        self._db = settings.store().db if job_id is not None else None
-
-    def __call__(self, fraction: float, message: str) -> None:
-        print(f"[{fraction:6.1%}] {message}", file=sys.stderr, flush=True)
-        if self._db is not None and not job_rows.report_progress(self._db, self.job_id, fraction, message):
-            raise JobCancelled()
-
-    @property
-    def metrics_path(self) -> Path:
-        return metrics_path(self.settings, self.job_id)
-
-    def log_metrics(self, step: int, values: dict) -> None:
-        if self.job_id is None:
-            return
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-
-    def output_dir(self, kind: str) -> Path:
-        """Where this job writes checkpoints; stable per job so a resumed job finds them."""
-        name = f"{kind}-job{self.job_id}" if self.job_id is not None else f"{kind}-{int(time.time())}"
-        return self.settings.models_dir / name
-
-
-def metrics_path(settings: Settings, job_id: int | None) -> Path:
-    return settings.jobs_dir / f"job-{job_id}-metrics.jsonl"
-
-
-def read_metrics(settings: Settings, job_id: int) -> list[dict]:
-    path = metrics_path(settings, job_id)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 class ProgressCallback(TrainerCallback):

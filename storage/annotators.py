@@ -6,6 +6,8 @@ import time
 
 from sqlite_utils import Database
 
+from storage.db import write_transaction
+
 ROLES = ("annotator", "researcher", "admin")
 
 
@@ -13,7 +15,7 @@ def sign_in(db: Database, name: str, role: str) -> dict:
     """Find or create the annotator; the role always follows the current configuration."""
     if role not in ROLES:
         raise ValueError(f"Unknown role {role!r}.")
-    with db.atomic():
+    with write_transaction(db):
         db["annotators"].insert({"name": name, "role": role, "created_at": time.time()}, ignore=True)
         db.execute("UPDATE annotators SET role = ? WHERE name = ?", [role, name])
     return next(db["annotators"].rows_where("name = ?", [name]))

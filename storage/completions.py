@@ -25,18 +25,14 @@ def add_completion(
     return row[0]
 
 
-def prompts_without_completion(db: Database, model_id: int, limit: int | None = None) -> list[dict]:
-    """Prompts this policy has no story for yet, oldest first: the pool's to-do list."""
-    sql = (
-        "SELECT p.id, p.text FROM prompts p WHERE NOT EXISTS ("
-        " SELECT 1 FROM completions c WHERE c.prompt_id = p.id AND c.model_id = ?)"
-        " ORDER BY p.id"
-    )
-    params: list = [model_id]
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(limit)
-    return [dict(r) for r in db.query(sql, params)]
+def prompts_without_completion(db: Database, model_id: int, first: int | None = None) -> list[dict]:
+    """Prompts this policy has no story for yet, among the `first` prompts (all when None)."""
+    return [dict(r) for r in db.query(
+        "SELECT p.id, p.text FROM (SELECT id, text FROM prompts ORDER BY id LIMIT ?) p"
+        " WHERE NOT EXISTS (SELECT 1 FROM completions c WHERE c.prompt_id = p.id AND c.model_id = ?)"
+        " ORDER BY p.id",
+        [-1 if first is None else first, model_id],
+    )]
 
 
 def completions_for_prompt(db: Database, prompt_id: int) -> list[dict]:

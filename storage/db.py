@@ -7,7 +7,9 @@ makes concurrent writers wait instead of failing).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
@@ -46,3 +48,20 @@ class Store:
         if db is None:
             db = self._local.db = connect(self.path)
         return db
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A transaction that takes the write lock up front (BEGIN IMMEDIATE).
+
+    sqlite-utils' atomic() begins DEFERRED: a read-then-write transaction then fails at
+    once with "database is locked" when another connection committed in between, and the
+    busy timeout cannot help. Taking the lock first makes concurrent writers queue instead.
+    """
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.conn.execute("ROLLBACK")
+        raise
+    db.conn.execute("COMMIT")

@@ -7,6 +7,7 @@ import time
 from sqlite_utils import Database
 
 from storage.codec import dumps, loads
+from storage.db import write_transaction
 
 ACTIVE = ("queued", "running", "cancelling")
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
@@ -37,7 +38,7 @@ def list_jobs(db: Database, limit: int = 50, kind: str | None = None) -> list[di
 
 def claim_next_job(db: Database) -> dict | None:
     """Atomically move the oldest queued job to running; None when the queue is empty."""
-    with db.atomic():
+    with write_transaction(db):
         row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
         if row is None:
             return None
@@ -80,7 +81,7 @@ def finish_job(db: Database, job_id: int, status: str, *, error: str | None = No
 
 def request_cancel(db: Database, job_id: int) -> str:
     """Queued jobs cancel at once; running ones are flagged for the worker to stop."""
-    with db.atomic():
+    with write_transaction(db):
         status = get_job(db, job_id)["status"]
         if status == "queued":
             finish_job(db, job_id, "cancelled")
@@ -97,7 +98,7 @@ def running_jobs(db: Database) -> list[dict]:
 
 def requeue(db: Database, job_id: int) -> None:
     """Queue an interrupted or failed job again; it resumes from its last checkpoint."""
-    with db.atomic():
+    with write_transaction(db):
         status = get_job(db, job_id)["status"]
         if status not in ("interrupted", "failed", "cancelled"):
             raise ValueError(f"Job {job_id} is {status}; only interrupted, failed or cancelled jobs can be resumed.")

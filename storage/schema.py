@@ -104,7 +104,10 @@ def m001_initial(db: Database) -> None:
     db["completions"].create_index(["model_id", "prompt_id"], unique=True)
     db["completions"].create_index(["prompt_id"])
 
-    db["votes"].create(
+    # AUTOINCREMENT: an undone vote's id is never given to a later vote, so ids in
+    # exports and in an annotator's undo stay unambiguous.
+    votes_sql = db.create_table_sql(
+        "votes",
         {
             "id": int, "prompt_id": int, "completion_a": int, "completion_b": int,
             "model_a": int, "model_b": int, "annotator_id": int, "choice": str,
@@ -123,6 +126,7 @@ def m001_initial(db: Database) -> None:
             ("annotator_id", "annotators", "id"),
         ],
     )
+    db.execute(votes_sql.replace('"id" INTEGER PRIMARY KEY', '"id" INTEGER PRIMARY KEY AUTOINCREMENT', 1))
     db["votes"].create_index(["annotator_id", "client_key"], unique=True)
     db["votes"].create_index(["source", "model_a", "model_b", "choice"])
     db["votes"].create_index(["prompt_id"])
@@ -143,3 +147,23 @@ def m001_initial(db: Database) -> None:
     )
     for trigger in _PAIR_STATS_TRIGGERS:
         db.execute(trigger)
+
+
+@MIGRATIONS()
+def m002_reward_scores(db: Database) -> None:
+    """Reward-model scores of pool stories, and the prediction stored with each vote.
+
+    votes.predicted is P(story A is better) from the newest reward model that had scored
+    both stories when the vote came in (votes.predicted_by): live agreement with humans.
+    """
+    db["reward_scores"].create(
+        {"completion_id": int, "reward_model_id": int, "score": float, "created_at": float},
+        pk=("completion_id", "reward_model_id"),
+        not_null={"score"},
+        foreign_keys=[("completion_id", "completions", "id"), ("reward_model_id", "models", "id")],
+    )
+    db["reward_scores"].create_index(["reward_model_id"])
+    # Plain ALTER TABLE columns: a foreign key here would make sqlite-utils rebuild the
+    # votes table, and with it the pair-statistics triggers.
+    db["votes"].add_column("predicted", float)
+    db["votes"].add_column("predicted_by", int)

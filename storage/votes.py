@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from sqlite_utils import Database
 
+from storage.db import write_transaction
+
 CHOICES = ("a", "b", "tie", "both_bad")
 SOURCES = ("human", "weak", "simulated")
 
@@ -30,14 +32,18 @@ def _ordered(x: int, y: int) -> tuple[int, int]:
 def record_vote(
     db: Database, pair: ShownPair, *, annotator_id: int | None, choice: str, client_key: str,
     rationale: str = "", source: str = "human", confidence: float | None = None,
+    predicted: float | None = None, predicted_by: int | None = None,
 ) -> tuple[int, bool]:
-    """Store a vote once per client key; returns (vote id, whether it was new)."""
+    """Store a vote once per client key; returns (vote id, whether it was new).
+
+    `predicted` is a reward model's P(A better) for the pair and `predicted_by` that model.
+    """
     if choice not in CHOICES:
         raise ValueError(f"Unknown choice {choice!r}; expected one of {', '.join(CHOICES)}.")
     if source not in SOURCES:
         raise ValueError(f"Unknown vote source {source!r}.")
     now = time.time()
-    with db.atomic():
+    with write_transaction(db):
         existing = db.execute(
             "SELECT id FROM votes WHERE annotator_id IS ? AND client_key = ?", [annotator_id, client_key]
         ).fetchone()
@@ -49,6 +55,7 @@ def record_vote(
             "annotator_id": annotator_id, "choice": choice, "rationale": rationale,
             "shown_at": pair.shown_at, "voted_at": now, "source": source,
             "confidence": confidence, "client_key": client_key,
+            "predicted": predicted, "predicted_by": predicted_by,
         }).last_pk
         if annotator_id is not None:
             mark_seen(db, annotator_id, pair.completion_a, pair.completion_b)
@@ -71,7 +78,7 @@ def undo_vote(db: Database, vote_id: int, annotator_id: int, window_s: float) ->
         return None
     vote = rows[0]
     lo, hi = _ordered(vote["completion_a"], vote["completion_b"])
-    with db.atomic():
+    with write_transaction(db):
         db.execute("DELETE FROM votes WHERE id = ?", [vote_id])
         db.execute(
             "DELETE FROM seen_pairs WHERE annotator_id = ? AND completion_lo = ? AND completion_hi = ?",

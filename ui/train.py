@@ -13,7 +13,7 @@ import pandas as pd
 
 from rlhf.jobs import TRAINING_KINDS, log_path
 from rlhf.settings import Settings
-from rlhf.training import read_metrics
+from rlhf.progress import read_metrics
 from storage import jobs as job_rows
 from storage import models
 from storage.db import Store

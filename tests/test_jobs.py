@@ -1,0 +1,155 @@
+"""rlhf/jobs.py: the JobWorker runs queued jobs in subprocesses, cancels and recovers them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.jobs import JobWorker
+from storage import completions, models
+from storage import jobs as job_rows
+from tests.conftest import clean_env, wait_for
+
+JOB_TIMEOUT_S = 120  # a job process pays torch + transformers imports: slow on a busy 2-core box
+
+
+@pytest.fixture
+def worker_env(monkeypatch):
+    """Job processes inherit this process's environment: keep it offline and settings-free."""
+    for key in list(os.environ):
+        if key.startswith("STORY_ARENA_"):
+            monkeypatch.delenv(key)
+    for key, value in clean_env().items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def worker(arena_dir, worker_env):
+    settings, _ = arena_dir
+    w = JobWorker(settings, poll_s=0.1)
+    yield w
+    w.stop()
+
+
+def _policy(store, name: str, max_new_tokens: int) -> models.ModelRecord:
+    """A new policy on the tiny model's weights, with no stories yet."""
+    starter = models.list_models(store.db)[0]
+    return models.add_model(store.db, name, "local", path=starter.path,
+                            decoding={"temperature": 1.0, "max_new_tokens": max_new_tokens})
+
+
+def _finished(db, job_id: int):
+    job = job_rows.get_job(db, job_id)
+    return job if job["status"] in job_rows.FINISHED else None
+
+
+def _process_gone(pid: int) -> bool:
+    """Exited: no /proc entry any more, or a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_generate_job_runs_in_a_subprocess(arena_dir, worker):
+    settings, store = arena_dir
+    db = store.db
+    policy = _policy(store, "tiny-new", max_new_tokens=8)
+    job_id = job_rows.create_job(db, "generate", {"model_ids": [policy.id], "prompts": 3})
+    worker.start()
+    job = wait_for(lambda: _finished(db, job_id), JOB_TIMEOUT_S, what="the generate job")
+
+    assert job["status"] == "succeeded", job["error"]
+    assert job["progress"] == 1.0 and job["error"] is None and job["finished_at"] >= job["started_at"]
+    assert job["pid"] and job["pid"] != os.getpid()  # it ran in its own process
+    assert completions.pool_sizes(db)[policy.id] == 3
+    texts = [r["text"] for r in db.query("SELECT text FROM completions WHERE model_id = ?", [policy.id])]
+    assert len(texts) == 3 and all(t.strip() for t in texts)
+    log = Path(job["log_path"])
+    assert log.is_file() and log.parent == settings.jobs_dir
+    assert "3/3 stories written" in log.read_text(errors="replace")  # the progress, as it went
+
+
+def test_unknown_kind_fails_and_the_worker_goes_on(arena_dir, worker):
+    settings, store = arena_dir
+    db = store.db
+    policy = _policy(store, "tiny-next", max_new_tokens=8)
+    bad = job_rows.create_job(db, "no-such-kind", {})
+    good = job_rows.create_job(db, "generate", {"model_ids": [policy.id], "prompts": 1})
+    worker.start()
+    failed = wait_for(lambda: _finished(db, bad), JOB_TIMEOUT_S, what="the unknown job")
+    assert failed["status"] == "failed"
+    assert "no-such-kind" in failed["error"]
+    assert "no-such-kind" in Path(failed["log_path"]).read_text(errors="replace")  # traceback logged
+
+    done = wait_for(lambda: _finished(db, good), JOB_TIMEOUT_S, what="the next job")
+    assert done["status"] == "succeeded", done["error"]
+    assert completions.pool_sizes(db)[policy.id] == 1
+
+
+def test_cancel_a_running_job(arena_dir, worker):
+    settings, store = arena_dir
+    db = store.db
+    # Every one of the seed prompts in small batches: far longer than the test waits.
+    policy = _policy(store, "tiny-long", max_new_tokens=32)
+    total = db["prompts"].count
+    job_id = job_rows.create_job(db, "generate", {"model_ids": [policy.id], "prompts": None})
+    worker.start()
+    # Wait until it is really writing stories (first batch stored), then cancel.
+    running = wait_for(
+        lambda: (j := job_rows.get_job(db, job_id))["status"] == "running" and j["progress"] > 0 and j,
+        JOB_TIMEOUT_S, what="the job's first progress report")
+    pid = running["pid"]
+    assert pid and not _process_gone(pid)
+
+    assert job_rows.request_cancel(db, job_id) == "cancelling"
+    job = wait_for(lambda: _finished(db, job_id), 10, what="the cancel to land")
+    assert job["status"] == "cancelled"
+    assert "cancel" in (job["error"] or "")
+    wait_for(lambda: _process_gone(pid), 15, what="the job process to exit")
+    written = completions.pool_sizes(db).get(policy.id, 0)
+    assert 0 < written < total
+    # Nothing more is written after the cancel.
+    assert completions.pool_sizes(db).get(policy.id, 0) == written
+
+
+def test_recover_marks_orphaned_jobs_interrupted(arena_dir, worker_env):
+    settings, store = arena_dir
+    db = store.db
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = job_rows.create_job(db, "generate", {})
+    job_rows.claim_next_job(db)
+    job_rows.update_job(db, orphan, pid=dead.pid)
+    waiting = job_rows.create_job(db, "generate", {})
+
+    recovered = JobWorker(settings).recover()
+    assert recovered == [orphan]
+    job = job_rows.get_job(db, orphan)
+    assert job["status"] == "interrupted" and job["error"] and job["finished_at"]
+    assert job_rows.get_job(db, waiting)["status"] == "queued"  # queued work is kept
+    assert JobWorker(settings).recover() == []
+
+
+def test_recover_ends_a_stray_job_process(arena_dir, worker_env):
+    settings, store = arena_dir
+    db = store.db
+    # Looks like a job process (its command line names rlhf.jobs) left by a dead app.
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "rlhf.jobs"])
+    try:
+        job_id = job_rows.create_job(db, "generate", {})
+        job_rows.claim_next_job(db)
+        job_rows.update_job(db, job_id, pid=stray.pid)
+        job_rows.request_cancel(db, job_id)  # 'cancelling' jobs are orphans too
+        assert JobWorker(settings).recover() == [job_id]
+        assert stray.wait(timeout=10) != 0
+        assert job_rows.get_job(db, job_id)["status"] == "interrupted"
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
