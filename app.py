@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
 
 from rlhf.jobs import JobWorker
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     if needs_prepare(store, settings):
         job_rows.create_job(store.db, "prepare", {})
     worker = JobWorker(settings).start()
+    # SIGTERM (docker stop, a Space restart) unwinds through `finally`, so the running job's
+    # process is stopped too instead of running on as an orphan.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     demo, launch_kwargs = build_ui(settings, store)
     print(f"Story Arena: data in {settings.data_dir}", file=sys.stderr)
     try:

@@ -1,0 +1,218 @@
+"""End to end in a real browser: sign in, vote with the keyboard, undo, leaderboard, XSS.
+
+One app (tiny random GPT-2, six-prompt pool) serves the whole module; Chromium is the
+Debian build at /usr/bin/chromium driven by Playwright. Set UPDATE_SCREENSHOT=1 to
+refresh docs/arena.png (the README's screenshot) from this run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.app_server import ROOT, TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+# The first pair exists once the background job has written the pool: ~30 s on an idle
+# 2-core machine, several times that when the machine is busy.
+STORY_WAIT_MS = 180_000
+UI_WAIT_MS = 30_000  # generous: the test machine may be busy
+PAYLOAD = "<script>window.__pwned = 1</script><b>bold</b>"
+STARTER_NAMES = ("tiny-t0.7", "tiny-t1.0")
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Chromium at {CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("browser-arena")
+    with running_app(data_dir, env={"STORY_ARENA_RESEARCHERS": "rita"}, extra_args=TINY_ARGS) as (url, _):
+        yield url, data_dir
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_WAIT_MS)
+    yield page
+    context.close()
+
+
+def db_path(data_dir: Path) -> Path:
+    return data_dir / "arena.db"
+
+
+def sign_in(page, url: str, name: str) -> None:
+    """Open the page, type a name, click Sign in, and wait until both stories are on screen."""
+    page.goto(url)
+    page.locator("#annotator-name").get_by_role("textbox").fill(name)
+    page.click("#sign-in")
+    expect(page.locator("#who")).to_contain_text(f"Signed in as {name}")
+    # Before the pool exists the status says so and a timer asks again every 2 s.
+    page.wait_for_function(
+        "() => ['#story-a', '#story-b', '#arena-prompt'].every("
+        "  id => document.querySelector(id + ' .story, ' + id + ' .prompt'))",
+        timeout=STORY_WAIT_MS,
+    )
+
+
+def press_on_body(page, key: str) -> None:
+    """A shortcut pressed with nothing focused, as when an annotator just reads and types."""
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    assert page.evaluate("() => document.activeElement.tagName") == "BODY"
+    page.keyboard.press(key)
+
+
+def votes_of(data_dir: Path, annotator_id: int) -> list[dict]:
+    rows = query(
+        db_path(data_dir),
+        "SELECT v.id, v.choice, v.annotator_id, ma.name, mb.name, v.prompt_id, v.completion_a,"
+        " v.completion_b, v.rationale FROM votes v JOIN models ma ON ma.id = v.model_a"
+        " JOIN models mb ON mb.id = v.model_b WHERE v.annotator_id = ? ORDER BY v.id",
+        [annotator_id],
+    )
+    keys = ("id", "choice", "annotator_id", "name_a", "name_b", "prompt_id", "completion_a", "completion_b", "rationale")
+    return [dict(zip(keys, row)) for row in rows]
+
+
+def annotator_id(data_dir: Path, name: str) -> int:
+    rows = query(db_path(data_dir), "SELECT id, role FROM annotators WHERE name = ?", [name])
+    assert rows, f"no annotator row for {name!r}"
+    assert rows[0][1] == "annotator"
+    return rows[0][0]
+
+
+def leaderboard_rows(page) -> list[dict]:
+    """The leaderboard Dataframe as dicts keyed by column title, read from the DOM."""
+    return page.evaluate(
+        """() => {
+          const root = document.querySelector('#leaderboard-table');
+          const heads = [...root.querySelectorAll('[role=columnheader]')].map(th => th.getAttribute('title') || th.innerText.trim());
+          const rows = {};
+          for (const cell of root.querySelectorAll('[role=gridcell][data-row][data-col]')) {
+            (rows[cell.dataset.row] ||= {})[heads[Number(cell.dataset.col)]] = cell.innerText.trim();
+          }
+          return Object.values(rows).filter(row => row.policy);
+        }"""
+    )
+
+
+def test_keyboard_votes_undo_and_leaderboard(arena, page):
+    url, data_dir = arena
+    name = "Ada Browser"
+    sign_in(page, url, name)
+    me = annotator_id(data_dir, name)
+    status, reveal = page.locator("#arena-status"), page.locator("#reveal")
+    expect(status).to_contain_text(re.compile(r"your votes:\s*0\b"))
+    first_prompt = page.inner_text("#arena-prompt").strip()
+    assert first_prompt
+
+    # Typing a digit in the rationale box writes the digit; it must not vote.
+    page.locator("#rationale").get_by_role("textbox").click()
+    page.keyboard.type("Ending 1 was kinder")
+    expect(page.locator("#rationale").get_by_role("textbox")).to_have_value("Ending 1 was kinder")
+
+    press_on_body(page, "1")
+    expect(reveal).to_contain_text("You chose A is better", timeout=UI_WAIT_MS)
+    expect(status).to_contain_text(re.compile(r"your votes:\s*1\b"))
+    rows = votes_of(data_dir, me)
+    assert len(rows) == 1, rows
+    first = rows[0]
+    assert first["choice"] == "a" and first["annotator_id"] == me
+    assert first["rationale"] == "Ending 1 was kinder"
+    assert {first["name_a"], first["name_b"]} == set(STARTER_NAMES)
+    # The reveal names the policies in screen order, matching what was stored.
+    text = reveal.inner_text()
+    assert f"A was {first['name_a']}, B was {first['name_b']}" in text, text
+    assert query(db_path(data_dir), "SELECT text FROM prompts WHERE id = ?", [first["prompt_id"]])[0][0] == first_prompt
+    # The rationale box is cleared for the next pair.
+    expect(page.locator("#rationale").get_by_role("textbox")).to_have_value("")
+
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        docs = ROOT / "docs"
+        docs.mkdir(exist_ok=True)
+        page.screenshot(path=str(docs / "arena.png"), full_page=True)
+
+    second_prompt = page.inner_text("#arena-prompt").strip()
+    press_on_body(page, "4")
+    expect(reveal).to_contain_text("You chose Both bad")
+    expect(status).to_contain_text(re.compile(r"your votes:\s*2\b"))
+    rows = votes_of(data_dir, me)
+    assert [r["choice"] for r in rows] == ["a", "both_bad"]
+    second = rows[1]
+    assert second["annotator_id"] == me
+    assert {second["completion_a"], second["completion_b"]} != {first["completion_a"], first["completion_b"]}
+    assert query(db_path(data_dir), "SELECT text FROM prompts WHERE id = ?", [second["prompt_id"]])[0][0] == second_prompt
+
+    press_on_body(page, "u")
+    expect(reveal).to_contain_text("Vote undone")
+    expect(status).to_contain_text(re.compile(r"your votes:\s*1\b"))
+    rows = votes_of(data_dir, me)
+    assert [r["id"] for r in rows] == [first["id"]], "undo must delete the last vote and only it"
+    # The undone pair is back on screen to be judged again.
+    expect(page.locator("#arena-prompt")).to_have_text(second_prompt)
+
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.get_by_role("button", name="Refresh").filter(visible=True).click()
+    expect(page.locator("#leaderboard-table")).to_contain_text(STARTER_NAMES[0])
+    expect(page.locator("#leaderboard-table")).to_contain_text(STARTER_NAMES[1])
+
+    def counted():
+        by_policy = {row["policy"]: row for row in leaderboard_rows(page)}
+        if all(p in by_policy and float(by_policy[p]["votes"] or 0) >= 1 for p in STARTER_NAMES):
+            return by_policy
+        return None
+
+    # Both policies are listed with the remaining vote counted (the undone one is not).
+    by_policy = wait_for(counted, UI_WAIT_MS / 1000, "both policies with a nonzero votes figure",
+                         on_timeout=lambda: str(leaderboard_rows(page)))
+    board = list(by_policy.values())
+    for policy in STARTER_NAMES:
+        assert float(by_policy[policy]["votes"]) == 1, by_policy[policy]
+        assert float(by_policy[policy]["both_bad"]) == 0, by_policy[policy]
+    # One decided vote: its winner outranks its loser.
+    winner = first["name_a"]
+    loser = first["name_b"]
+    assert float(by_policy[winner]["wins"]) == 1 and float(by_policy[loser]["losses"]) == 1, board
+    assert float(by_policy[winner]["score"]) > float(by_policy[loser]["score"]), board
+
+
+def test_story_markup_renders_as_text(arena, page):
+    url, data_dir = arena
+    wait_for_pool(data_dir)
+    # A model can write anything: every story now carries a script and a tag.
+    changed = execute(db_path(data_dir), "UPDATE completions SET text = 'Story ' || id || ': ' || ?", [PAYLOAD])
+    assert changed >= 2
+
+    sign_in(page, url, "Mallory")
+    for side in ("#story-a", "#story-b"):
+        story = page.locator(f"{side} .story")
+        expect(story).to_contain_text(PAYLOAD)
+        assert story.locator("script, b").count() == 0
+    expect(page.get_by_text("<script>", exact=False).first).to_be_visible()
+    assert page.evaluate("() => window.__pwned") is None
+
+    # Voting on it shows the next (equally hostile) pair, still inert.
+    press_on_body(page, "2")
+    expect(page.locator("#reveal")).to_contain_text("You chose B is better")
+    expect(page.locator("#story-a .story")).to_contain_text(PAYLOAD)
+    assert page.evaluate("() => window.__pwned") is None
