@@ -99,6 +99,12 @@ def cmd_train(settings: Settings, args) -> dict:
             "model_id": job["result_model_id"], "metrics": job["metrics"]}
 
 
+def cmd_simulate(settings: Settings, args) -> dict:
+    from rlhf.simulate import simulate
+
+    return simulate(args.url, args.annotators, args.votes, args.accuracy, args.position_bias, args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlhf", description="Story Arena: data, models and training from the command line.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, help="override the preset's step budget")
     train.add_argument("--preset", choices=["quick", "full"], help="step budget (default quick)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other parameter (value parsed as JSON when it can be)")
+    sim = command("simulate", cmd_simulate, "simulated annotators voting through a running app's HTTP API")
+    sim.add_argument("--url", required=True, help="the app, e.g. http://127.0.0.1:7860/")
+    sim.add_argument("--annotators", type=int, default=4)
+    sim.add_argument("--votes", type=int, default=10, help="votes per annotator")
+    sim.add_argument("--accuracy", type=float, default=0.9, help="chance of voting as the hidden oracle prefers")
+    sim.add_argument("--position-bias", type=float, default=0.0, help="chance of picking A regardless")
+    sim.add_argument("--seed", type=int, default=0)
     job_list = command("jobs", cmd_jobs, "list background jobs")
     job_list.add_argument("--limit", type=int, default=50)
     return parser

@@ -386,3 +386,38 @@ def test_added_policy_gets_its_stories_written(app, added_policy):
     assert {json.loads(p)["max_new_tokens"] for (p,) in params} == {ADDED_DECODING["max_new_tokens"]}
     models_table = table_rows(client(url).predict(api_name="/models"))
     assert {r["name"]: r["stories"] for r in models_table}["tiny-copy"] == 6
+
+
+def test_simulated_annotators_vote_through_the_api(app):
+    from rlhf.simulate import simulate
+
+    url, data_dir = app
+    (before,), = query(db(data_dir), "SELECT count(*) FROM votes")
+    result = simulate(url, annotators=2, votes=3, accuracy=1.0, seed=7)
+    assert result["errors"] == []
+    assert result["votes_cast"] == 6
+    assert result["oracle_agreement"] == 1.0  # accuracy 1: every vote is the oracle's choice
+    assert result["latency_median_s"] > 0 and result["latency_p99_s"] >= result["latency_median_s"]
+    (after,), = query(db(data_dir), "SELECT count(*) FROM votes")
+    assert after - before == 6
+    names = {r[0] for r in query(db(data_dir), "SELECT name FROM annotators WHERE name LIKE 'sim-7-%'")}
+    assert names == {"sim-7-0", "sim-7-1"}
+
+
+def test_researcher_only_job_launch(app, researcher):
+    url, data_dir = app
+    jobs_before = job_count(data_dir)
+    mallory, _ = sign_in(url, "mallory")
+    with pytest.raises(AppError, match="researcher role"):
+        mallory.predict("reward", None, "quick", None, "{}", None, api_name="/train")
+    with pytest.raises(AppError, match="researcher role"):
+        mallory.predict(1, api_name="/cancel_job")
+    assert job_count(data_dir) == jobs_before
+    message = researcher.predict("reward", None, "quick", 3, '{"batch_size": 2}', None, api_name="/train")
+    assert "Queued job" in message
+    (job_id, params), = query(db(data_dir), "SELECT id, params FROM jobs WHERE kind = 'reward' ORDER BY id DESC LIMIT 1")
+    assert json.loads(params) == {"batch_size": 2, "preset": "quick", "max_steps": 3}
+    researcher.predict(job_id, api_name="/cancel_job")
+    wait_for(lambda: query(db(data_dir), "SELECT status FROM jobs WHERE id = ?", [job_id])[0][0] == "cancelled", 30, "the queued job to be cancelled")
+    with pytest.raises(AppError, match="JSON"):
+        researcher.predict("dpo", 1, "quick", None, "{not json", None, api_name="/train")

@@ -1,0 +1,42 @@
+"""Cheap, explainable features of a story's text.
+
+Shared by the simulated annotators' hidden preference and, later, by weak-supervision
+labeling functions and per-policy metrics, so each feature is defined once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+WORD = re.compile(r"[A-Za-z']+")
+ENDINGS = (".", "!", "?", '"', "\u201d")
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in WORD.findall(text or "")]
+
+
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of word n-grams that occur more than once: high for loops and stutters."""
+    tokens = words(text)
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    counts = Counter(grams)
+    return sum(c for c in counts.values() if c > 1) / len(grams)
+
+
+def has_ending(text: str) -> bool:
+    """Whether the story ends on a finished sentence rather than being cut off."""
+    return (text or "").rstrip().endswith(ENDINGS)
+
+
+def length_fit(text: str, low: int, high: int) -> float:
+    """1 inside [low, high] words, falling linearly to 0 at half / double the band."""
+    count = len(words(text))
+    if low <= count <= high:
+        return 1.0
+    if count < low:
+        return max(0.0, (count - low / 2) / (low / 2))
+    return max(0.0, 1.0 - (count - high) / high)
