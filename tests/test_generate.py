@@ -1,0 +1,116 @@
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from rlhf.generate import SYSTEM_PROMPT, Decoding, Story, _length_to_eos, format_prompt, generate_stories
+from rlhf.models import build_tiny_starter, load_causal_lm
+from tests.test_models import STORY_TEXTS
+
+PROMPTS = ["A cat finds a hat.", "A dog who is afraid of rain.", "Two friends and a kite."]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = build_tiny_starter(tmp_path_factory.mktemp("models"), STORY_TEXTS)
+    return path, *load_causal_lm(str(path), torch.device("cpu"))
+
+
+def test_generates_one_story_per_prompt_within_max_new_tokens(tiny):
+    _, model, tokenizer = tiny
+    stories = generate_stories(model, tokenizer, PROMPTS * 2, Decoding(max_new_tokens=12), batch_size=4, seed=0)
+    assert len(stories) == 6
+    for story in stories:
+        assert isinstance(story, Story)
+        assert isinstance(story.text, str) and story.text == story.text.strip()
+        assert 0 < story.tokens <= 12
+        assert story.ms > 0
+
+
+def test_same_seed_gives_same_stories(tiny):
+    _, model, tokenizer = tiny
+    decoding = Decoding(max_new_tokens=10)
+    first = [s.text for s in generate_stories(model, tokenizer, PROMPTS, decoding, seed=7)]
+    again = [s.text for s in generate_stories(model, tokenizer, PROMPTS, decoding, seed=7)]
+    other = [s.text for s in generate_stories(model, tokenizer, PROMPTS, decoding, seed=8)]
+    assert first == again
+    assert first != other
+
+
+def test_seed_leaves_global_rng_untouched(tiny):
+    _, model, tokenizer = tiny
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_stories(model, tokenizer, PROMPTS[:1], Decoding(max_new_tokens=3), seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_max_new_tokens_is_capped_by_the_context(tiny):
+    _, model, tokenizer = tiny
+    long_prompt = "cat " * 400
+    stories = generate_stories(model, tokenizer, [long_prompt], Decoding(max_new_tokens=1024), seed=0)
+    assert 0 < stories[0].tokens <= model.config.max_position_embeddings
+
+
+def test_chat_template_tokenizer_generates(tiny):
+    path, model, _ = tiny
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    stories = generate_stories(model, tokenizer, PROMPTS, Decoding(max_new_tokens=5), seed=0)
+    assert len(stories) == 3 and all(0 < s.tokens <= 5 for s in stories)
+
+
+def test_length_to_eos_stops_before_first_eos():
+    ids = torch.tensor([5, 6, 2, 7, 2])
+    assert _length_to_eos(ids, [2]) == 2
+    assert _length_to_eos(ids, [9, 7]) == 3
+    assert _length_to_eos(ids, [9]) == 5
+    assert _length_to_eos(ids, []) == 5
+
+
+def test_format_prompt_plain_lm(tiny):
+    _, _, tokenizer = tiny
+    assert tokenizer.chat_template is None
+    assert format_prompt(tokenizer, "A cat finds a hat. ") == "A cat finds a hat.\n\nStory:"
+
+
+def test_format_prompt_chat_template(tiny):
+    path, _, _ = tiny
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    text = format_prompt(tokenizer, "A cat finds a hat.")
+    assert text == f"<system>{SYSTEM_PROMPT}\n<user>A cat finds a hat.\n<assistant>"
+
+
+def test_decoding_defaults_and_round_trip():
+    assert Decoding.from_dict({}) == Decoding()
+    decoding = Decoding.from_dict({"temperature": 1, "top_p": 0.5, "max_new_tokens": 64})
+    assert Decoding.from_dict(decoding.to_dict()) == decoding
+    assert decoding.to_dict() == {
+        "temperature": 1, "top_p": 0.5, "max_new_tokens": 64, "repetition_penalty": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"temperature": 0}, r"temperature must be in \(0, 2\]"),
+        ({"temperature": 2.5}, "temperature must be in"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.01}, "top_p must be in"),
+        ({"max_new_tokens": 0}, r"max_new_tokens must be in 1\.\.1024"),
+        ({"max_new_tokens": 1025}, "max_new_tokens must be in"),
+        ({"max_new_tokens": 10.5}, "max_new_tokens must be a whole number"),
+        ({"max_new_tokens": True}, "max_new_tokens must be a whole number"),
+        ({"repetition_penalty": 0.5}, r"repetition_penalty must be in \[1, 2\]"),
+        ({"temprature": 0.7}, "unknown decoding setting.*temprature"),
+    ],
+)
+def test_decoding_validation(settings, message):
+    with pytest.raises(ValueError, match=message):
+        Decoding.from_dict(settings)
