@@ -7,6 +7,7 @@ benchmarks can parse the output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -157,9 +158,13 @@ def _print_human(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Libraries print too (transformers' Trainer logs to stdout): with --json only the
+    # final document may reach stdout, so everything else goes to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        settings = from_args(args, os.environ)
-        result = args.handler(settings, args)
+        with quiet:
+            settings = from_args(args, os.environ)
+            result = args.handler(settings, args)
     except (ValueError, LookupError) as exc:
         if args.json:
             print(json.dumps({"error": str(exc)}))

@@ -46,7 +46,7 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in SAVED_FILES)
 
 
-def _save_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+def save_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) in a sibling temp folder, then rename it to target.
 
     A crash mid-way leaves only a hidden temp folder, never a half-written target.
@@ -105,7 +105,7 @@ def prepare_starter(
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    _save_atomically(target, write)
+    save_atomically(target, write)
     progress(1.0, "Starter model ready")
     return target
 
@@ -154,7 +154,7 @@ def build_tiny_starter(models_dir: Path, texts: Sequence[str], seed: int = 0) ->
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _save_atomically(target, write)
+    return save_atomically(target, write)
 
 
 def resolve_device(requested: str = "auto") -> torch.device:

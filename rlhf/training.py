@@ -95,13 +95,14 @@ def data_snapshot(records: list[dict]) -> dict:
 
 def register_checkpoint(
     store: Store, settings: Settings, *, name: str, kind: str, path: Path, parent: ModelRecord | None,
-    job_id: int | None, metrics: dict, policy: bool = True,
+    job_id: int | None, metrics: dict, policy: bool = True, decoding: dict | None = None,
 ) -> ModelRecord:
     """Add a trained model with its lineage; a policy also gets its story pool queued,
-    and pair selection then favours it against its parent."""
+    and pair selection then favours it against its parent. Decoding defaults to the parent's."""
     record = models.add_model(
         store.db, unique_name(store, name), kind, path=str(path), parent_id=parent.id if parent else None,
-        decoding=parent.decoding if (parent and policy) else {}, job_id=job_id, metrics=metrics,
+        decoding=decoding if decoding is not None else (parent.decoding if (parent and policy) else {}),
+        job_id=job_id, metrics=metrics,
         active=policy,
     )
     if policy:

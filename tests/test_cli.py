@@ -210,3 +210,21 @@ def test_prepare_fills_only_the_gap(arena_dir):
     assert len(after) == len(kept) + 1
     assert after[:-1] == kept
     assert (after[-1]["prompt_id"], after[-1]["model_id"]) == (victim["prompt_id"], victim["model_id"])
+
+
+def test_json_stdout_carries_only_the_document(arena_dir, cli_main, monkeypatch):
+    """Libraries that print (transformers' Trainer logs dicts to stdout) must not break --json."""
+    import rlhf.__main__ as cli
+
+    settings, _ = arena_dir
+    original = cli.cmd_models
+
+    def noisy_models(settings, args):
+        print({"loss": 1.0})
+        return original(settings, args)
+
+    monkeypatch.setattr(cli, "cmd_models", noisy_models)
+    code, out, err = cli_main("models", "--data-dir", str(settings.data_dir), "--json")
+    assert code == 0
+    assert json.loads(out)["models"]
+    assert "'loss': 1.0" in err

@@ -9,7 +9,7 @@ import pandas as pd
 
 from rlhf.export import preference_records, write_jsonl
 from rlhf.settings import Settings
-from storage import votes
+from storage import scores, votes
 from storage.db import Store
 from ui.common import require_researcher
 
@@ -18,6 +18,8 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
     by_source = gr.Dataframe(label="Votes per source", interactive=False)
     with gr.Group(visible=False) as researcher_tools:
         by_annotator = gr.Dataframe(label="Votes per annotator", interactive=False)
+        agreement = gr.Dataframe(label="Reward models vs people: on decided human votes, how often the model's prediction (stored at vote time) picked the same side",
+                                 interactive=False)
         include_undecided = gr.Checkbox(label="Include ties and both-bad votes (marked with `label`)", value=False)
         export = gr.Button("Export preferences (JSONL, TRL format)", variant="primary")
         download = gr.File(label="Download", interactive=False)
@@ -28,7 +30,9 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
         researcher = who and who.get("role") in ("researcher", "admin")
         annotators = pd.DataFrame(votes.votes_per_annotator(store.db) if researcher else [],
                                   columns=["annotator", "role", "votes", "ties", "both_bad"])
-        return sources, annotators
+        agreed = pd.DataFrame(scores.agreement(store.db)["by_model"] if researcher else [],
+                              columns=["reward_model_id", "reward_model", "decided", "agreed", "agreement"])
+        return sources, annotators, agreed
 
     def export_file(who, undecided):
         require_researcher(who)
@@ -38,6 +42,6 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
             gr.Warning("No votes to export yet.")
         return str(path)
 
-    refresh.click(counts, session, [by_source, by_annotator], api_name="vote_counts")
+    refresh.click(counts, session, [by_source, by_annotator, agreement], api_name="vote_counts")
     export.click(export_file, [session, include_undecided], download, api_name="export")
-    return counts, [by_source, by_annotator], researcher_tools
+    return counts, [by_source, by_annotator, agreement], researcher_tools

@@ -22,7 +22,7 @@ from ui.common import require_researcher
 KIND_HELP = {
     "reward": "Reward model on the human preferences (RewardTrainer). Base: the policy whose weights start it.",
     "dpo": "Direct Preference Optimization on the preferences (DPOTrainer; loss_type sigmoid, ipo or robust).",
-    "rloo": "RLHF with RLOO and a reward model (set reward_model in the extra parameters).",
+    "rloo": "RLHF with RLOO and a reward model: set reward_model in the extra parameters, e.g. {\"reward_model\": 3}. Quick: 32 steps (about 10 min for the starter on 2 CPU cores).",
     "pretrain": "BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
 }
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
@@ -92,9 +92,14 @@ def _log_tail(settings: Settings, job_id: int) -> str:
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
-def _loss_frame(settings: Settings, job_id: int) -> pd.DataFrame:
-    points = [(m["step"], m["loss"]) for m in read_metrics(settings, job_id) if "loss" in m]
-    return pd.DataFrame(points, columns=["step", "loss"])
+# The curve worth watching per kind: RLOO's loss hovers near zero, its reward rises.
+CURVE = {"rloo": "reward"}
+
+
+def _curve(settings: Settings, job: dict) -> pd.DataFrame:
+    name = CURVE.get(job["kind"], "loss")
+    points = [(m["step"], m[name], name) for m in read_metrics(settings, job["id"]) if name in m]
+    return pd.DataFrame(points, columns=["step", "value", "metric"])
 
 
 def build_train_tab(settings: Settings, store: Store, session: gr.State):
@@ -136,7 +141,7 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
             cancel = gr.Button("Cancel job", variant="stop")
             resume = gr.Button("Resume job")
         action = gr.Markdown()
-    loss = gr.LinePlot(x="step", y="loss", label="Training loss")
+    loss = gr.LinePlot(x="step", y="value", color="metric", label="Training curve (loss; reward for RLOO)")
     log = gr.Code(label="Log (last lines)", language=None)
     timer = gr.Timer(3.0)
 
@@ -144,10 +149,10 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
         if job is None:
             return gr.skip(), gr.skip()
         try:
-            job_rows.get_job(store.db, int(job))
+            row = job_rows.get_job(store.db, int(job))
         except LookupError as exc:
             raise gr.Error(str(exc)) from exc
-        return _loss_frame(settings, int(job)), _log_tail(settings, int(job))
+        return _curve(settings, row), _log_tail(settings, int(job))
 
     def cancel_job(who, job):
         require_researcher(who)
