@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from rlhf.pairing import draw_order, pair_weights
 from rlhf.settings import Settings
-from storage import annotators, completions, models, prompts, votes
+from storage import annotators, completions, models, prompts, scores, votes
 from storage import jobs as job_rows
 from storage.db import Store
 from storage.votes import ShownPair
@@ -98,9 +98,12 @@ def submit_vote(
     rationale = (rationale or "").strip()
     if len(rationale) > settings.max_rationale_chars:
         raise ArenaError(f"The reason is limited to {settings.max_rationale_chars} characters.")
+    # The newest reward model's guess, stored with the vote: live agreement with people.
+    predicted, predicted_by = scores.score_pair(store.db, view.pair.completion_a, view.pair.completion_b) or (None, None)
     return votes.record_vote(
         store.db, view.pair, annotator_id=annotator_id, choice=choice,
         client_key=client_key or view.client_key, rationale=rationale,
+        predicted=predicted, predicted_by=predicted_by,
     )
 
 

@@ -194,9 +194,9 @@ def test_annotators_cannot_use_researcher_actions(app):
     assert not list((data_dir / "exports").glob("*.jsonl"))
     # Annotators see totals per source but not who voted.
     annotator.predict(out[SIGN_IN_KEY], "", api_name="/vote_a")
-    by_source, by_annotator = annotator.predict(api_name="/vote_counts")
+    by_source, by_annotator, agreement = annotator.predict(api_name="/vote_counts")
     assert [row["source"] for row in table_rows(by_source)] == ["human"]
-    assert by_annotator["data"] == []
+    assert by_annotator["data"] == [] and agreement["data"] == []
 
 
 def test_researcher_exports_preferences(app, researcher):
