@@ -49,7 +49,7 @@ def trainer_device_args(settings: Settings) -> dict:
         "use_cpu": not cuda,
         "bf16": cuda and is_torch_bf16_gpu_available(),
         "fp16": False,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "report_to": "none",
         "disable_tqdm": True,
         "logging_steps": 1,

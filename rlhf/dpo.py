@@ -1,0 +1,448 @@
+"""Direct Preference Optimization on the arena's human preferences (TRL 1.16 DPOTrainer).
+
+One entry point, `train_dpo(settings, params, progress) -> ModelRecord`:
+
+- data: decided human votes (rlhf.training.preference_data) with a held-out split that
+  stays put as votes arrive; prompts are wrapped by rlhf.generate.format_prompt so the model
+  is trained on exactly the text it is given when it writes stories. Plain LMs (no chat
+  template) get a space before the story, as they produce one after the "Story:" cue.
+- model: LoRA (r=lora_r on the attention projections: c_attn with fan_in_fan_out on GPT-2,
+  q_proj/v_proj on Llama-style models such as SmolLM2) when the base has more than
+  LORA_THRESHOLD_PARAMS parameters, else full fine-tuning; `lora` overrides. With LoRA the
+  reference model is the same network with the adapter disabled (TRL's `use_adapter(model,
+  None)`), so no second copy is loaded; full fine-tuning loads a frozen reference copy.
+- losses: "sigmoid" (DPO), "ipo" (beta is IPO's tau; TRL averages log-ratios per token),
+  "robust" (rDPO, label_smoothing = assumed share of flipped labels, default 0.1).
+  label_smoothing is refused for sigmoid and ipo, which ignore it in TRL 1.x.
+- budget: preset "quick" (for the SmolLM2-135M starter on 2 CPU cores, under 10 minutes) or
+  "full"; a preset gives max_steps, max_epochs (without an explicit max_steps, steps are
+  capped at that many passes over the training pairs, so a few votes are not trained on 50
+  times), batch_size, max_length, max_eval_pairs and max_minutes. On 2 CPU cores a LoRA step
+  of the starter (batch 4, 256 tokens) takes about 60 CPU-seconds, 30 s to several minutes of
+  wall time depending on what else runs, so quick is held to max_minutes (9) by TimeBudget:
+  training stops early enough for the evaluation (shrunk to what fits, at least 4 pairs)
+  and the save; max_steps only caps it on faster machines. max_minutes 0 means no limit
+  (the full preset). Held-out votes beyond max_eval_pairs are left out of both sets.
+- resume: checkpoints go to progress.output_dir("dpo"); a re-queued job continues from the
+  last one. On success the merged model is saved in that folder as a plain model, the
+  checkpoints are removed, and the model is registered as a child of the base policy.
+- metrics: eval_reward_accuracy is the share of held-out pairs whose implicit reward
+  beta * (log-ratio chosen - log-ratio rejected) is > 0. It is TRL's eval_rewards/accuracies,
+  which averages per-batch means; the eval batch size is chosen to divide the number of
+  eval pairs, so that average is exactly the share over pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.pytorch_utils import Conv1D
+
+from rlhf.generate import format_prompt
+from rlhf.settings import Settings
+from rlhf.training import (
+    JobProgress,
+    ProgressCallback,
+    preference_data,
+    register_checkpoint,
+    require_model,
+    resume_checkpoint,
+    trainer_device_args,
+)
+from storage import models
+from storage.models import ModelRecord
+
+KIND = "dpo"
+LORA_THRESHOLD_PARAMS = 50_000_000
+LOSS_TYPES = ("sigmoid", "ipo", "robust")
+DEFAULT_ROBUST_SMOOTHING = 0.1
+# Learning rates when none is given: LoRA adapters need a larger step than full weights.
+LORA_LEARNING_RATE = 5e-5
+FULL_LEARNING_RATE = 5e-6
+# Per preset: quick fits the SmolLM2-135M starter (LoRA) on 2 CPU cores in under 10 minutes.
+# Measured on 2 busy CPU cores: a LoRA step (batch 4, 256 tokens) costs about 60 CPU-seconds,
+# 30-60 s of wall time, so quick is held to its minutes by a time budget (TimeBudget), and
+# max_steps only caps it on faster machines.
+PRESETS: dict[str, dict] = {
+    "quick": {"max_steps": 40, "max_epochs": 3.0, "batch_size": 4, "max_length": 256, "max_eval_pairs": 16,
+              "max_minutes": 9.0},
+    "full": {"max_steps": 1000, "max_epochs": 3.0, "batch_size": 8, "max_length": 512, "max_eval_pairs": 512,
+             "max_minutes": 0.0},
+}
+# Evaluating one pair (policy and reference forwards) against training on one pair, in time.
+EVAL_COST_PER_TRAIN_PAIR = 1.0
+MIN_EVAL_PAIRS = 4
+EVAL_SHARE_OF_BUDGET = 0.25
+SAVE_RESERVE_S = 30.0
+LOAD_SHARE, TRAIN_SHARE, EVAL_SHARE = 0.05, 0.80, 0.10  # the rest is merging and saving
+NAME_LIMIT = 60
+
+
+def _whole(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
+
+
+def _real(name: str, value, low: float, high: float, low_open: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}.")
+    if (value <= low if low_open else value < low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}.")
+
+
+@dataclass(frozen=True)
+class DPOParams:
+    """A DPO job's parameters, validated; the preset fills what was not given."""
+
+    base: int
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float | None = None
+    preset: str = "quick"
+    max_steps: int = PRESETS["quick"]["max_steps"]
+    max_epochs: float = PRESETS["quick"]["max_epochs"]
+    learning_rate: float | None = None
+    batch_size: int = PRESETS["quick"]["batch_size"]
+    lora: bool | None = None
+    lora_r: int = 8
+    eval_fraction: float = 0.2
+    max_eval_pairs: int = PRESETS["quick"]["max_eval_pairs"]
+    min_pairs: int = 8
+    max_length: int = PRESETS["quick"]["max_length"]
+    max_minutes: float = PRESETS["quick"]["max_minutes"]
+    explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "explicit"]
+
+    @classmethod
+    def from_dict(cls, params: dict) -> DPOParams:
+        if not isinstance(params, dict):
+            raise ValueError("DPO parameters must be a JSON object.")
+        known = cls.keys()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(
+                f"Unknown DPO parameter(s): {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})."
+            )
+        given = {k: v for k, v in params.items() if v is not None}
+        preset = given.get("preset", "quick")
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; expected one of {', '.join(PRESETS)}.")
+        if "base" not in given:
+            raise ValueError("Choose a base policy for DPO (parameter base: a policy id).")
+        return cls(**{**PRESETS[preset], **given, "preset": preset}, explicit=frozenset(given))
+
+    def __post_init__(self) -> None:
+        _whole("base", self.base, 1, 2**62)
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"Unknown loss_type {self.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
+        _real("beta", self.beta, 0, 10)
+        if self.label_smoothing is not None:
+            if self.loss_type != "robust":
+                raise ValueError(
+                    f"label_smoothing applies to loss_type robust only; TRL's {self.loss_type} loss ignores it."
+                )
+            _real("label_smoothing", self.label_smoothing, 0, 0.49)
+        _whole("max_steps", self.max_steps, 1, 1_000_000)
+        _real("max_epochs", self.max_epochs, 0, 1000)
+        if self.learning_rate is not None:
+            _real("learning_rate", self.learning_rate, 0, 0.01)
+        _whole("batch_size", self.batch_size, 1, 256)
+        if self.lora is not None and not isinstance(self.lora, bool):
+            raise ValueError(f"lora must be true or false, got {self.lora!r}.")
+        _whole("lora_r", self.lora_r, 1, 512)
+        _real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
+        _whole("max_eval_pairs", self.max_eval_pairs, 1, 1_000_000)
+        _whole("min_pairs", self.min_pairs, 2, 1_000_000)
+        _whole("max_length", self.max_length, 16, 32768)
+        _real("max_minutes", self.max_minutes, 0, 7 * 24 * 60, low_open=False)
+
+    @property
+    def smoothing(self) -> float:
+        if self.loss_type != "robust":
+            return 0.0
+        return DEFAULT_ROBUST_SMOOTHING if self.label_smoothing is None else float(self.label_smoothing)
+
+    def steps_for(self, train_pairs: int) -> int:
+        """An explicit max_steps as is; else the preset's, capped at max_epochs passes."""
+        if "max_steps" in self.explicit:
+            return self.max_steps
+        per_epoch = math.ceil(train_pairs / self.batch_size)
+        return max(1, min(self.max_steps, math.ceil(self.max_epochs * per_epoch)))
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training early enough that evaluation and saving still fit before the deadline.
+
+    Step times (with their logging and checkpoint saves) are measured as training goes;
+    evaluating one held-out pair is taken to cost EVAL_COST_PER_TRAIN_PAIR of the time of
+    training on one pair. Evaluation is given at most EVAL_SHARE_OF_BUDGET of the budget.
+    """
+
+    def __init__(self, deadline: float | None, budget_s: float, batch_size: int):
+        self.deadline, self.budget_s, self.batch_size = deadline, budget_s, batch_size
+        self.eval_pairs = 0
+        self.durations: list[float] = []
+        self.stopped_early = False
+        self._mark = time.monotonic()
+
+    def seconds_per_pair(self) -> float | None:
+        if not self.durations:
+            return None
+        steady = self.durations[1:] or self.durations  # the first step includes warm-up
+        return sum(steady) / len(steady) / self.batch_size
+
+    def eval_pairs_that_fit(self) -> int:
+        per_pair = self.seconds_per_pair()
+        if self.deadline is None or per_pair is None:
+            return self.eval_pairs
+        left = self.deadline - time.monotonic() - SAVE_RESERVE_S
+        fit = int(left / (per_pair * EVAL_COST_PER_TRAIN_PAIR))
+        return max(min(self.eval_pairs, MIN_EVAL_PAIRS), min(self.eval_pairs, fit))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._mark = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        self.durations.append(now - self._mark)
+        self._mark = now
+        if self.deadline is None:
+            return
+        per_pair = self.seconds_per_pair()
+        evaluation = min(self.eval_pairs * per_pair * EVAL_COST_PER_TRAIN_PAIR, EVAL_SHARE_OF_BUDGET * self.budget_s)
+        if now + per_pair * self.batch_size + evaluation + SAVE_RESERVE_S > self.deadline:
+            control.should_training_stop = True
+            self.stopped_early = state.global_step < state.max_steps
+
+
+def lora_config(model, r: int):
+    """LoRA on the attention projections the architecture has."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    leaves = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
+    if isinstance(leaves.get("c_attn"), Conv1D):  # GPT-2: fused qkv stored as (in, out)
+        targets, fan_in_fan_out = ["c_attn"], True
+    elif isinstance(leaves.get("q_proj"), torch.nn.Linear) and isinstance(leaves.get("v_proj"), torch.nn.Linear):
+        targets, fan_in_fan_out = ["q_proj", "v_proj"], False  # Llama-style (SmolLM2)
+    elif model.config.model_type in DEFAULTS:
+        targets = list(DEFAULTS[model.config.model_type])
+        fan_in_fan_out = any(isinstance(leaves.get(t), Conv1D) for t in targets)
+    else:
+        raise ValueError(
+            f"No known LoRA target modules for model type {model.config.model_type!r}; "
+            "train it with lora set to false (full fine-tuning)."
+        )
+    return LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def preference_dataset(records: list[dict], tokenizer) -> Dataset:
+    """TRL's prompt/chosen/rejected with the generation prompt format."""
+    lead = "" if tokenizer.chat_template else " "
+    rows = [
+        {"prompt": format_prompt(tokenizer, r["prompt"]), "chosen": lead + r["chosen"], "rejected": lead + r["rejected"]}
+        for r in records
+    ]
+    return Dataset.from_list(rows)
+
+
+def _load(source: str, token: str | None):
+    # A fresh float32 copy: never the cached inference model of rlhf.models.load_causal_lm.
+    model = AutoModelForCausalLM.from_pretrained(source, token=token, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, token=token)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer of {source!r} has neither a pad nor an eos token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _context(model) -> int | None:
+    config = model.config.get_text_config()
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _eval_batch_size(n: int, batch_size: int) -> int:
+    """The largest size <= batch_size dividing n, so a mean of batch means is the mean over pairs."""
+    return next(b for b in range(min(batch_size, max(n, 1)), 0, -1) if n % b == 0) if n else batch_size
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No datasets progress bars in job logs (they are \\r-redrawn lines); restored after."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _finite(value):
+    return value if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _policy_name(base: ModelRecord, loss_type: str) -> str:
+    suffix = "-dpo" if loss_type == "sigmoid" else f"-dpo-{loss_type}"
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", base.name)[: NAME_LIMIT - len(suffix) - 3]
+    return stem + suffix
+
+
+def _already_registered(store, job_id: int | None) -> ModelRecord | None:
+    """A re-run of a job that got as far as registering its model returns that model."""
+    if job_id is None:
+        return None
+    done = [m for m in models.list_models(store.db) if m.job_id == job_id and m.kind == KIND]
+    return done[-1] if done else None
+
+
+def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
+    """Train a DPO child of params["base"] on the human votes and register it as a policy."""
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    p = DPOParams.from_dict(params)
+    deadline = time.monotonic() + 60 * p.max_minutes if p.max_minutes else None
+    store = settings.store()
+    done = _already_registered(store, progress.job_id)
+    if done is not None:
+        progress(1.0, f"model already registered as #{done.id} {done.name}")
+        return done
+    try:
+        base = require_model(store, p.base, "base policy")
+    except LookupError as exc:
+        raise ValueError(f"Unknown base policy id {p.base}: {exc}") from exc
+    if base.kind == "reward":
+        raise ValueError(f"Policy #{base.id} {base.name} is a reward model, not a story writer; choose a policy.")
+    train_records, eval_records, snapshot = preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction)
+    eval_records = eval_records[: p.max_eval_pairs]
+
+    progress(0.0, f"loading {base.name}")
+    model, tokenizer = _load(base.source, settings.hub_token)
+    use_cache = getattr(model.config, "use_cache", True)  # Trainer sets it to False in the config it saves
+    n_params = sum(t.numel() for t in model.parameters())
+    use_lora = p.lora if p.lora is not None else n_params > LORA_THRESHOLD_PARAMS
+    context = _context(model)
+    max_length = p.max_length
+    if context and max_length > context:
+        if "max_length" in p.explicit:
+            raise ValueError(f"max_length {max_length} exceeds the context of {base.name} ({context} tokens).")
+        max_length = context
+    peft_config = lora_config(model, p.lora_r) if use_lora else None
+    # Full fine-tuning needs a frozen reference; with LoRA the adapter-disabled model is the reference.
+    ref_model = None
+    if not use_lora:
+        ref_model = AutoModelForCausalLM.from_pretrained(base.source, token=settings.hub_token, dtype=torch.float32)
+
+    steps = p.steps_for(len(train_records))
+    output_dir = progress.output_dir(KIND)
+    resume = resume_checkpoint(output_dir)
+    learning_rate = p.learning_rate or (LORA_LEARNING_RATE if use_lora else FULL_LEARNING_RATE)
+    args = DPOConfig(
+        output_dir=str(output_dir),
+        **trainer_device_args(settings),
+        max_steps=steps,
+        save_steps=max(1, steps // 4),
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=steps // 10,
+        beta=p.beta,
+        loss_type=[p.loss_type],
+        label_smoothing=p.smoothing,
+        max_length=max_length,
+        precompute_ref_log_probs=False,  # per step it costs one forward; precomputing scales with all votes
+        seed=0,
+    )
+    train_set = preference_dataset(train_records, tokenizer)
+    eval_set = preference_dataset(eval_records, tokenizer) if eval_records else None
+    progress(LOAD_SHARE, f"DPO ({p.loss_type}, {'LoRA' if use_lora else 'full'}) on {len(train_records)} pairs, {steps} steps")
+    budget = TimeBudget(deadline, 60 * p.max_minutes, p.batch_size)
+    with _quiet_datasets():
+        trainer = DPOTrainer(
+            model=model, ref_model=ref_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+            processing_class=tokenizer, peft_config=peft_config,
+            callbacks=[ProgressCallback(progress, start=LOAD_SHARE, share=TRAIN_SHARE), budget],
+        )
+    budget.eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    if len(trainer.train_dataset) == 0:
+        raise ValueError(f"Every training prompt fills max_length ({max_length} tokens); raise max_length.")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - started
+    resumed_from = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
+
+    eval_metrics: dict = {}
+    eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    if eval_pairs > budget.eval_pairs_that_fit():  # the quick budget: fewer held-out pairs, never none
+        eval_pairs = budget.eval_pairs_that_fit()
+        trainer.eval_dataset = trainer.eval_dataset.select(range(eval_pairs))
+    if eval_pairs:
+        progress(LOAD_SHARE + TRAIN_SHARE, f"evaluating on {eval_pairs} held-out pairs")
+        trainer.args.per_device_eval_batch_size = _eval_batch_size(eval_pairs, p.batch_size)
+        eval_metrics = trainer.evaluate()
+
+    progress(LOAD_SHARE + TRAIN_SHARE + EVAL_SHARE, "saving the model")
+    trained = trainer.model
+    if isinstance(trained, PeftModel):
+        trained = trained.merge_and_unload()
+    trained.config.use_cache = use_cache
+    trained.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+    last_train = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
+    metrics = {
+        **snapshot,
+        "train_pairs": len(trainer.train_dataset),
+        "eval_pairs": eval_pairs,
+        "loss_type": p.loss_type,
+        "beta": p.beta,
+        "label_smoothing": p.smoothing if p.loss_type == "robust" else None,
+        "lora": use_lora,
+        "lora_r": p.lora_r if use_lora else None,
+        "learning_rate": learning_rate,
+        "batch_size": p.batch_size,
+        "max_length": max_length,
+        "preset": p.preset,
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "max_minutes": p.max_minutes or None,
+        "stopped_for_time": budget.stopped_early,
+        "train_seconds": round(train_seconds, 1),
+        "train_loss": _finite(result.training_loss),
+        "train_loss_last": _finite(last_train.get("loss")),
+        "train_reward_accuracy_last": _finite(last_train.get("rewards/accuracies")),
+        "eval_loss": _finite(eval_metrics.get("eval_loss")),
+        "eval_reward_accuracy": _finite(eval_metrics.get("eval_rewards/accuracies")),
+        "eval_reward_margin": _finite(eval_metrics.get("eval_rewards/margins")),
+    }
+    record = register_checkpoint(
+        store, settings, name=_policy_name(base, p.loss_type), kind=KIND, path=output_dir, parent=base,
+        job_id=progress.job_id, metrics=metrics,
+    )
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    progress(1.0, f"registered #{record.id} {record.name}")
+    return record
