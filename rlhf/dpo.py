@@ -44,30 +44,29 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.pytorch_utils import Conv1D
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf.generate import format_prompt
+from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
 from rlhf.settings import Settings
 from rlhf.training import (
+    chosen_model,
+    job_result,
+    load_trainable_lm,
+    lora_and_rate,
+    lora_config,
     JobProgress,
     ProgressCallback,
     preference_data,
     register_checkpoint,
-    require_model,
     resume_checkpoint,
     trainer_device_args,
 )
-from storage import models
 from storage.models import ModelRecord
 
 KIND = "dpo"
-LORA_THRESHOLD_PARAMS = 50_000_000
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 DEFAULT_ROBUST_SMOOTHING = 0.1
-# Learning rates when none is given: LoRA adapters need a larger step than full weights.
-LORA_LEARNING_RATE = 5e-5
-FULL_LEARNING_RATE = 5e-6
 # Per preset: quick fits the SmolLM2-135M starter (LoRA) on 2 CPU cores in under 10 minutes.
 # Measured on 2 busy CPU cores: a LoRA step (batch 4, 256 tokens) costs about 60 CPU-seconds,
 # 30-60 s of wall time, so quick is held to its minutes by a time budget (TimeBudget), and
@@ -85,21 +84,6 @@ EVAL_SHARE_OF_BUDGET = 0.25
 SAVE_RESERVE_S = 30.0
 LOAD_SHARE, TRAIN_SHARE, EVAL_SHARE = 0.05, 0.80, 0.10  # the rest is merging and saving
 NAME_LIMIT = 60
-
-
-def _whole(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {value!r}.")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
-
-
-def _real(name: str, value, low: float, high: float, low_open: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    if (value <= low if low_open else value < low) or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}.")
 
 
 @dataclass(frozen=True)
@@ -130,46 +114,34 @@ class DPOParams:
 
     @classmethod
     def from_dict(cls, params: dict) -> DPOParams:
-        if not isinstance(params, dict):
-            raise ValueError("DPO parameters must be a JSON object.")
-        known = cls.keys()
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(
-                f"Unknown DPO parameter(s): {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})."
-            )
-        given = {k: v for k, v in params.items() if v is not None}
-        preset = given.get("preset", "quick")
-        if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; expected one of {', '.join(PRESETS)}.")
+        given = given_params("DPO", params, cls.keys())
+        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
         if "base" not in given:
             raise ValueError("Choose a base policy for DPO (parameter base: a policy id).")
         return cls(**{**PRESETS[preset], **given, "preset": preset}, explicit=frozenset(given))
 
     def __post_init__(self) -> None:
-        _whole("base", self.base, 1, 2**62)
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"Unknown loss_type {self.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}.")
-        _real("beta", self.beta, 0, 10)
+        check_whole("base", self.base, 1, 2**62)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_real("beta", self.beta, 0, 10)
         if self.label_smoothing is not None:
             if self.loss_type != "robust":
                 raise ValueError(
                     f"label_smoothing applies to loss_type robust only; TRL's {self.loss_type} loss ignores it."
                 )
-            _real("label_smoothing", self.label_smoothing, 0, 0.49)
-        _whole("max_steps", self.max_steps, 1, 1_000_000)
-        _real("max_epochs", self.max_epochs, 0, 1000)
+            check_real("label_smoothing", self.label_smoothing, 0, 0.49)
+        check_whole("max_steps", self.max_steps, 1, 1_000_000)
+        check_real("max_epochs", self.max_epochs, 0, 1000)
         if self.learning_rate is not None:
-            _real("learning_rate", self.learning_rate, 0, 0.01)
-        _whole("batch_size", self.batch_size, 1, 256)
-        if self.lora is not None and not isinstance(self.lora, bool):
-            raise ValueError(f"lora must be true or false, got {self.lora!r}.")
-        _whole("lora_r", self.lora_r, 1, 512)
-        _real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
-        _whole("max_eval_pairs", self.max_eval_pairs, 1, 1_000_000)
-        _whole("min_pairs", self.min_pairs, 2, 1_000_000)
-        _whole("max_length", self.max_length, 16, 32768)
-        _real("max_minutes", self.max_minutes, 0, 7 * 24 * 60, low_open=False)
+            check_real("learning_rate", self.learning_rate, 0, 0.01)
+        check_whole("batch_size", self.batch_size, 1, 256)
+        check_optional_bool("lora", self.lora)
+        check_whole("lora_r", self.lora_r, 1, 512)
+        check_real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
+        check_whole("max_eval_pairs", self.max_eval_pairs, 1, 1_000_000)
+        check_whole("min_pairs", self.min_pairs, 2, 1_000_000)
+        check_whole("max_length", self.max_length, 16, 32768)
+        check_real("max_minutes", self.max_minutes, 0, 7 * 24 * 60, low_open=False)
 
     @property
     def smoothing(self) -> float:
@@ -230,30 +202,6 @@ class TimeBudget(TrainerCallback):
             self.stopped_early = state.global_step < state.max_steps
 
 
-def lora_config(model, r: int):
-    """LoRA on the attention projections the architecture has."""
-    from peft import LoraConfig
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-    leaves = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
-    if isinstance(leaves.get("c_attn"), Conv1D):  # GPT-2: fused qkv stored as (in, out)
-        targets, fan_in_fan_out = ["c_attn"], True
-    elif isinstance(leaves.get("q_proj"), torch.nn.Linear) and isinstance(leaves.get("v_proj"), torch.nn.Linear):
-        targets, fan_in_fan_out = ["q_proj", "v_proj"], False  # Llama-style (SmolLM2)
-    elif model.config.model_type in DEFAULTS:
-        targets = list(DEFAULTS[model.config.model_type])
-        fan_in_fan_out = any(isinstance(leaves.get(t), Conv1D) for t in targets)
-    else:
-        raise ValueError(
-            f"No known LoRA target modules for model type {model.config.model_type!r}; "
-            "train it with lora set to false (full fine-tuning)."
-        )
-    return LoraConfig(
-        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
-        fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
-    )
-
-
 def preference_dataset(records: list[dict], tokenizer) -> Dataset:
     """TRL's prompt/chosen/rejected with the generation prompt format."""
     lead = "" if tokenizer.chat_template else " "
@@ -262,17 +210,6 @@ def preference_dataset(records: list[dict], tokenizer) -> Dataset:
         for r in records
     ]
     return Dataset.from_list(rows)
-
-
-def _load(source: str, token: str | None):
-    # A fresh float32 copy: never the cached inference model of rlhf.models.load_causal_lm.
-    model = AutoModelForCausalLM.from_pretrained(source, token=token, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, token=token)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"The tokenizer of {source!r} has neither a pad nor an eos token.")
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def _context(model) -> int | None:
@@ -309,14 +246,6 @@ def _policy_name(base: ModelRecord, loss_type: str) -> str:
     return stem + suffix
 
 
-def _already_registered(store, job_id: int | None) -> ModelRecord | None:
-    """A re-run of a job that got as far as registering its model returns that model."""
-    if job_id is None:
-        return None
-    done = [m for m in models.list_models(store.db) if m.job_id == job_id and m.kind == KIND]
-    return done[-1] if done else None
-
-
 def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
     """Train a DPO child of params["base"] on the human votes and register it as a policy."""
     from peft import PeftModel
@@ -325,24 +254,18 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
     p = DPOParams.from_dict(params)
     deadline = time.monotonic() + 60 * p.max_minutes if p.max_minutes else None
     store = settings.store()
-    done = _already_registered(store, progress.job_id)
+    done = job_result(store, progress.job_id, KIND)
     if done is not None:
         progress(1.0, f"model already registered as #{done.id} {done.name}")
         return done
-    try:
-        base = require_model(store, p.base, "base policy")
-    except LookupError as exc:
-        raise ValueError(f"Unknown base policy id {p.base}: {exc}") from exc
-    if base.kind == "reward":
-        raise ValueError(f"Policy #{base.id} {base.name} is a reward model, not a story writer; choose a policy.")
+    base = chosen_model(store, p.base, "base policy")
     train_records, eval_records, snapshot = preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction)
     eval_records = eval_records[: p.max_eval_pairs]
 
     progress(0.0, f"loading {base.name}")
-    model, tokenizer = _load(base.source, settings.hub_token)
+    model, tokenizer = load_trainable_lm(base.source, settings.hub_token)
     use_cache = getattr(model.config, "use_cache", True)  # Trainer sets it to False in the config it saves
-    n_params = sum(t.numel() for t in model.parameters())
-    use_lora = p.lora if p.lora is not None else n_params > LORA_THRESHOLD_PARAMS
+    use_lora, learning_rate = lora_and_rate(model, p.lora, p.learning_rate)
     context = _context(model)
     max_length = p.max_length
     if context and max_length > context:
@@ -358,7 +281,6 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
     steps = p.steps_for(len(train_records))
     output_dir = progress.output_dir(KIND)
     resume = resume_checkpoint(output_dir)
-    learning_rate = p.learning_rate or (LORA_LEARNING_RATE if use_lora else FULL_LEARNING_RATE)
     args = DPOConfig(
         output_dir=str(output_dir),
         **trainer_device_args(settings),

@@ -38,18 +38,24 @@ def _prepare_job(settings: Settings, params: dict, progress) -> None:
 
 
 def _generate_job(settings: Settings, params: dict, progress) -> None:
+    """Write the missing stories, then score them with the newest reward model (if any),
+    so the votes on them record its prediction."""
     from rlhf.pool import fill_pool
+    from rlhf.reward import score_new_completions
 
-    fill_pool(settings.store(), settings, params["model_ids"], params.get("prompts"), progress)
+    store = settings.store()
+    fill_pool(store, settings, params["model_ids"], params.get("prompts"), progress)
+    for model_id in params["model_ids"]:
+        score_new_completions(store, settings, model_id, progress=lambda _, message: progress(1.0, message))
 
 
 BUILTIN_KINDS: dict[str, JobFunction] = {"prepare": _prepare_job, "generate": _generate_job}
-# Training kinds: module and entry point, imported only by the job that runs one.
-TRAINING_KINDS: dict[str, tuple[str, str]] = {
-    "reward": ("rlhf.reward", "train_reward"),
-    "dpo": ("rlhf.dpo", "train_dpo"),
-    "rloo": ("rlhf.rloo", "train_rloo"),
-    "pretrain": ("rlhf.pretrain", "train_pretrain"),
+# Training kinds: module, entry point and parameter class, imported only when needed.
+TRAINING_KINDS: dict[str, tuple[str, str, str]] = {
+    "reward": ("rlhf.reward", "train_reward", "RewardParams"),
+    "dpo": ("rlhf.dpo", "train_dpo", "DPOParams"),
+    "rloo": ("rlhf.rloo", "train_rloo", "RlooParams"),
+    "pretrain": ("rlhf.pretrain", "train_pretrain", "PretrainParams"),
 }
 
 
@@ -57,9 +63,24 @@ def job_function(kind: str) -> JobFunction:
     if kind in BUILTIN_KINDS:
         return BUILTIN_KINDS[kind]
     if kind in TRAINING_KINDS:
-        module, function = TRAINING_KINDS[kind]
+        module, function, _ = TRAINING_KINDS[kind]
         return getattr(importlib.import_module(module), function)
     raise ValueError(f"Unknown job kind {kind!r}.")
+
+
+def check_training_params(store: Store, kind: str, params: dict) -> None:
+    """Refuse bad parameters before a job is queued, with the message the job would fail
+    with; model ids must name stored models. The first call imports the kind's module."""
+    if kind not in TRAINING_KINDS:
+        raise ValueError(f"Unknown training kind {kind!r}; expected one of {', '.join(TRAINING_KINDS)}.")
+    module, _, params_class = TRAINING_KINDS[kind]
+    checked = getattr(importlib.import_module(module), params_class).from_dict(params)
+    from rlhf.training import chosen_model
+
+    if getattr(checked, "base", None) is not None:
+        chosen_model(store, checked.base, "base policy")
+    if getattr(checked, "reward_model", None) is not None:
+        chosen_model(store, checked.reward_model, "reward model", reward=True)
 
 
 def log_path(settings: Settings, job_id: int) -> Path:

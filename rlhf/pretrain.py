@@ -80,12 +80,13 @@ from transformers import (
 from rlhf.generate import format_prompt
 from rlhf.models import resolve_device, train_bpe_tokenizer
 from rlhf.policies import POLICY_NAME
+from rlhf.params import check_choice, check_real, check_whole, given_params
 from rlhf.settings import Settings
 from rlhf.training import (
     JobProgress,
     ProgressCallback,
     register_checkpoint,
-    require_model,
+    chosen_model,
     resume_checkpoint,
     trainer_device_args,
 )
@@ -134,20 +135,6 @@ TRAINER_EVAL_BLOCKS = 16  # the eval-loss curve during training; the metric uses
 # --------------------------------------------------------------------------- parameters
 
 
-def _whole(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {value!r}.")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}.")
-
-
-def _real(name: str, value, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    if not low < value <= high:
-        raise ValueError(f"{name} must be in ({low}, {high}], got {value}.")
-
-
 def _check_corpus(corpus) -> dict:
     """The corpus parameter's shape; a file is also checked to exist and fit the limit."""
     example = '{"file": "stories.txt"}, {"hub": "roneneldan/TinyStories"} or {"distill": 3}'
@@ -172,7 +159,7 @@ def _check_corpus(corpus) -> dict:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"corpus {key} must be a non-empty string, got {text!r}.")
     else:
-        _whole("corpus distill (a policy id)", value, 1, 2**62)
+        check_whole("corpus distill (a policy id)", value, 1, 2**62)
     return dict(corpus)
 
 
@@ -217,39 +204,25 @@ class PretrainParams:
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> PretrainParams:
-        if params is None:
-            params = {}
-        if not isinstance(params, Mapping):
-            raise ValueError("Pretraining parameters must be a JSON object.")
-        known = cls.keys()
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(
-                f"Unknown pretrain parameter(s): {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})."
-            )
-        given = {k: v for k, v in params.items() if v is not None}
+        given = given_params("pretrain", params, cls.keys())
         if "corpus" not in given:
             raise ValueError('Choose a corpus, e.g. {"file": "stories.txt"}, {"hub": "roneneldan/TinyStories"} '
                              'or {"distill": <policy id>}.')
-        size = given.get("size", "small")
-        if not isinstance(size, str) or size not in SIZES:
-            raise ValueError(f"Unknown size {size!r}; expected one of {', '.join(SIZES)}.")
-        preset = given.get("preset", "quick")
-        if not isinstance(preset, str) or preset not in PRESETS[size]:
-            raise ValueError(f"Unknown preset {preset!r}; expected one of {', '.join(PRESETS[size])}.")
+        size = check_choice("size", given.get("size", "small"), SIZES)
+        preset = check_choice("preset", given.get("preset", "quick"), PRESETS[size])
         budget = {k: v for k, v in PRESETS[size][preset].items() if k not in INTERNAL_BUDGETS}
         return cls(**{**budget, **given, "size": size, "preset": preset})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corpus", _check_corpus(self.corpus))
-        _whole("max_steps", self.max_steps, 1, 1_000_000)
-        _real("learning_rate", self.learning_rate, 0, 0.1)
-        _whole("batch_size", self.batch_size, 1, 1024)
-        _whole("block_size", self.block_size, 32, 2048)
-        _whole("vocab_size", self.vocab_size, 300, 65536)
-        _real("eval_fraction", self.eval_fraction, 0, 0.5)
+        check_whole("max_steps", self.max_steps, 1, 1_000_000)
+        check_real("learning_rate", self.learning_rate, 0, 0.1)
+        check_whole("batch_size", self.batch_size, 1, 1024)
+        check_whole("block_size", self.block_size, 32, 2048)
+        check_whole("vocab_size", self.vocab_size, 300, 65536)
+        check_real("eval_fraction", self.eval_fraction, 0, 0.5)
         if self.arena_every is not None:
-            _whole("arena_every", self.arena_every, 1, 1_000_000)
+            check_whole("arena_every", self.arena_every, 1, 1_000_000)
         if self.name is not None and (not isinstance(self.name, str) or not POLICY_NAME.match(self.name)):
             raise ValueError("name: 1-60 letters, digits, '.', '_' or '-', starting with a letter or digit.")
 
@@ -355,10 +328,7 @@ def _plain_cue(prompt: str) -> str:
 
 
 def _distill_corpus(store: Store, policy_id: int) -> Corpus:
-    try:
-        source = require_model(store, policy_id, "policy to distill")
-    except LookupError as exc:
-        raise ValueError(f"Cannot distill policy {policy_id}: there is no such policy.") from exc
+    source = chosen_model(store, policy_id, "policy to distill")
     texts = []
     for prompt in completions.prompts_with_completions(store.db):
         for story in completions.completions_for_prompt(store.db, prompt["id"]):

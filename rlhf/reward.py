@@ -56,13 +56,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.generate import format_prompt
 from rlhf.models import ModelLoadError, resolve_device
+from rlhf.params import check_choice, check_real, check_whole, given_params
 from rlhf.settings import Settings
 from rlhf.training import (
+    chosen_model,
+    job_result,
     JobProgress,
     ProgressCallback,
     preference_data,
     register_checkpoint,
-    require_model,
     resume_checkpoint,
     trainer_device_args,
 )
@@ -91,23 +93,6 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
 }
 
 
-def _whole(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {value!r}.")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}.")
-    return value
-
-
-def _real(name: str, value, low: float, high: float, low_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}.")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class RewardParams:
     """Validated parameters of a reward job (see the module docstring)."""
@@ -125,35 +110,23 @@ class RewardParams:
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> RewardParams:
-        params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown reward parameter(s): {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})."
-            )
-        params = {k: v for k, v in params.items() if v is not None}
-        preset = params.get("preset", "quick")
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}.")
-        backbone = params.get("backbone", "policy")
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}.")
-        base = params.get("base")
-        if base is not None:
-            if isinstance(base, str) and base.strip().isdigit():
-                base = int(base)
-            base = _whole("base", base, 1, 2**62)
-        values = {**PRESET_VALUES[preset][backbone], **params, "preset": preset, "backbone": backbone, "base": base}
+        given = given_params("reward", params, [f.name for f in fields(cls)])
+        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
+        backbone = check_choice("backbone", given.get("backbone", "policy"), BACKBONES)
+        base = given.get("base")
+        if isinstance(base, str) and base.strip().isdigit():
+            base = int(base)
+        values = {**PRESET_VALUES[preset][backbone], **given}
         return cls(
-            base=base, backbone=backbone, preset=preset,
-            max_steps=_whole("max_steps", values["max_steps"], 1, 100_000),
-            learning_rate=_real("learning_rate", values["learning_rate"], 0, 1, low_open=True),
-            batch_size=_whole("batch_size", values["batch_size"], 1, 1024),
-            eval_fraction=_real("eval_fraction", values.get("eval_fraction", 0.2), 0, 0.9, low_open=False),
-            min_pairs=_whole("min_pairs", values.get("min_pairs", 8), 2, 10_000_000),
-            max_length=_whole("max_length", values["max_length"], 16, 32_768),
-            train_layers=_whole("train_layers", values["train_layers"], -1, 10_000),
+            base=None if base is None else check_whole("base", base, 1, 2**62),
+            backbone=backbone, preset=preset,
+            max_steps=check_whole("max_steps", values["max_steps"], 1, 100_000),
+            learning_rate=check_real("learning_rate", values["learning_rate"], 0, 1),
+            batch_size=check_whole("batch_size", values["batch_size"], 1, 1024),
+            eval_fraction=check_real("eval_fraction", values.get("eval_fraction", 0.2), 0, 0.9, low_open=False),
+            min_pairs=check_whole("min_pairs", values.get("min_pairs", 8), 2, 10_000_000),
+            max_length=check_whole("max_length", values["max_length"], 16, 32_768),
+            train_layers=check_whole("train_layers", values["train_layers"], -1, 10_000),
         )
 
     def to_dict(self) -> dict:
@@ -376,14 +349,6 @@ def _default_base(store: Store) -> ModelRecord:
     return starters[0]
 
 
-def _existing_result(store: Store, job_id: int | None) -> ModelRecord | None:
-    """The reward model a previous run of this same job already registered."""
-    if job_id is None:
-        return None
-    found = [m for m in models.list_models(store.db) if m.kind == "reward" and m.job_id == job_id]
-    return found[-1] if found else None
-
-
 def pairwise_accuracy(db, reward_model_id: int, records: Sequence[dict]) -> tuple[float | None, int]:
     """Share of preference records whose chosen story the reward model scored higher."""
     pairs = scores.vote_completions(db, [r["vote_id"] for r in records])
@@ -404,19 +369,14 @@ def train_reward(settings: Settings, params: dict, progress: JobProgress) -> Mod
     store = settings.store()
     db = store.db
     if p.backbone == "policy":
-        try:
-            base = require_model(store, p.base, "base policy") if p.base is not None else _default_base(store)
-        except LookupError as exc:
-            raise ValueError(f"No policy with id {p.base} to base the reward model on.") from exc
-        if base.kind == "reward":
-            raise ValueError(f"{base.name!r} is a reward model; choose a story policy as the base.")
+        base = chosen_model(store, p.base, "base policy") if p.base is not None else _default_base(store)
         source, parent, label = base.source, base, base.name
     else:
         source, parent, label = str(minilm_dir()), None, "minilm"
 
     train, held_out, snapshot = preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction)
     output_dir = progress.output_dir("reward")
-    record = _existing_result(store, progress.job_id)
+    record = job_result(store, progress.job_id, "reward")
     metrics: dict = {}
     if record is None:
         progress(0.0, f"loading the {p.backbone} backbone from {source}")

@@ -27,7 +27,7 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -35,28 +35,30 @@ import torch
 
 from rlhf.generate import SYSTEM_PROMPT, Decoding, format_prompt, generate_stories
 from rlhf.models import save_atomically, resolve_device
+from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
 from rlhf.progress import JobProgress
+from rlhf.reward import Scorer, load_reward_scorer
 from rlhf.settings import Settings
 from rlhf.training import (
+    chosen_model,
+    job_result,
+    load_trainable_lm,
+    lora_and_rate,
+    lora_config,
     ProgressCallback,
     register_checkpoint,
     resume_checkpoint,
     trainer_device_args,
 )
-from storage import models
 from storage import prompts as prompt_rows
 from storage.db import Store
 from storage.models import ModelRecord
 
-LORA_THRESHOLD_PARAMS = 50_000_000
 PRESETS: dict[str, dict] = {
     "quick": {"max_steps": 32, "prompts_per_step": 2},
     "full": {"max_steps": 400, "prompts_per_step": 4},
 }
 PROMPT_SOURCES = ("seed", "all")
-# RL with a noisy learned reward needs small steps; LoRA's few weights take larger ones.
-LORA_LEARNING_RATE = 5e-5
-FULL_LEARNING_RATE = 5e-6
 HELD_OUT_PROMPTS = 8
 EVAL_SAMPLES_PER_PROMPT = 2
 EVAL_SEED = 20240501
@@ -66,24 +68,6 @@ POLICY_DIR = "policy"
 
 # Phases of the job's progress bar.
 TRAIN_START, TRAIN_SHARE = 0.1, 0.8
-
-# The reward model's interface (rlhf.reward.load_reward_scorer): (prompts, stories) -> scores.
-Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
-
-
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be a whole number, got {value!r}.")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}.")
-
-
-def _check_float(name: str, value, low: float, high: float, low_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, got {value!r}.")
-    if (value <= low if low_open else value < low) or value > high:
-        raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}.")
-
 
 @dataclass(frozen=True)
 class RlooParams:
@@ -110,45 +94,32 @@ class RlooParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("base", self.base, 1, 2**62)
-        _check_int("reward_model", self.reward_model, 1, 2**62)
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}.")
-        _check_float("beta", self.beta, 0.0, 10.0, low_open=False)
-        _check_int("max_steps", self.max_steps, 1, 1_000_000)
+        check_whole("base", self.base, 1, 2**62)
+        check_whole("reward_model", self.reward_model, 1, 2**62)
+        check_choice("preset", self.preset, PRESETS)
+        check_real("beta", self.beta, 0.0, 10.0, low_open=False)
+        check_whole("max_steps", self.max_steps, 1, 1_000_000)
         if self.learning_rate is not None:
-            _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        _check_int("num_generations", self.num_generations, 2, 64)
-        _check_int("prompts_per_step", self.prompts_per_step, 1, 256)
-        _check_int("max_new_tokens", self.max_new_tokens, 1, 1024)
-        if self.lora is not None and not isinstance(self.lora, bool):
-            raise ValueError(f"lora must be true or false, got {self.lora!r}.")
-        _check_int("lora_r", self.lora_r, 1, 256)
-        if self.prompt_source not in PROMPT_SOURCES:
-            raise ValueError(f"prompt_source must be one of {', '.join(PROMPT_SOURCES)}, got {self.prompt_source!r}.")
+            check_real("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_whole("num_generations", self.num_generations, 2, 64)
+        check_whole("prompts_per_step", self.prompts_per_step, 1, 256)
+        check_whole("max_new_tokens", self.max_new_tokens, 1, 1024)
+        check_optional_bool("lora", self.lora)
+        check_whole("lora_r", self.lora_r, 1, 256)
+        check_choice("prompt_source", self.prompt_source, PROMPT_SOURCES)
         if self.temperature is not None:
-            _check_float("temperature", self.temperature, 0.0, 2.0, low_open=True)
-        _check_int("seed", self.seed, 0, 2**32 - 1)
+            check_real("temperature", self.temperature, 0.0, 2.0, low_open=True)
+        check_whole("seed", self.seed, 0, 2**32 - 1)
 
     @classmethod
     def from_dict(cls, params: Mapping) -> RlooParams:
         """Preset budgets, then the explicit keys; unknown keys are an error, None means unset."""
-        if not isinstance(params, Mapping):
-            raise ValueError(f"RLOO parameters must be a JSON object, got {type(params).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown RLOO parameter(s): {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})."
-            )
-        given = {k: v for k, v in params.items() if v is not None}
+        given = given_params("RLOO", params, [f.name for f in fields(cls)])
         for key in ("base", "reward_model"):
             if key not in given:
                 what = "base policy" if key == "base" else "reward model (a model of kind reward)"
                 raise ValueError(f"RLOO needs {key}: the id of the {what}.")
-        preset = given.get("preset", "quick")
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}.")
+        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
         return cls(**{**PRESETS[preset], **given})
 
     def to_dict(self) -> dict:
@@ -159,9 +130,9 @@ def train_rloo(settings: Settings, params: dict, progress: JobProgress) -> Model
     """Train the base policy with RLOO against the reward model; register the new policy."""
     p = RlooParams.from_dict(params)
     store = settings.store()
-    base = _base_policy(store, p.base)
-    reward_record = _reward_model(store, p.reward_model)
-    done = _existing_result(store, progress.job_id)
+    base = chosen_model(store, p.base, "base policy")
+    reward_record = chosen_model(store, p.reward_model, "reward model", reward=True)
+    done = job_result(store, progress.job_id, "rloo")
     if done is not None:  # a re-run of a job that already registered its policy
         progress(1.0, f"{done.name} was already registered by this job")
         return done
@@ -173,11 +144,8 @@ def train_rloo(settings: Settings, params: dict, progress: JobProgress) -> Model
     })
 
     progress(0.0, f"loading {base.name} and the reward model {reward_record.name}")
-    model, tokenizer = _load_policy(base.source, settings.hub_token)
-    n_params = sum(t.numel() for t in model.parameters())
-    use_lora = p.lora if p.lora is not None else n_params > LORA_THRESHOLD_PARAMS
-    learning_rate = p.learning_rate or (LORA_LEARNING_RATE if use_lora else FULL_LEARNING_RATE)
-    from rlhf.reward import load_reward_scorer
+    model, tokenizer = load_trainable_lm(base.source, settings.hub_token, padding_side="left")
+    use_lora, learning_rate = lora_and_rate(model, p.lora, p.learning_rate)
 
     scorer = load_reward_scorer(reward_record, device)
 
@@ -207,7 +175,7 @@ def train_rloo(settings: Settings, params: dict, progress: JobProgress) -> Model
     gc.collect()
 
     progress(0.93, f"scoring the new policy on {len(eval_texts)} held-out prompts")
-    new_model, _ = _load_policy(str(policy_dir), settings.hub_token)
+    new_model, _ = load_trainable_lm(str(policy_dir), settings.hub_token, padding_side="left")
     new_model.to(device)
     reward_after = _mean_reward(new_model, tokenizer, scorer, eval_texts, decoding, settings)
     del new_model
@@ -248,38 +216,6 @@ def train_rloo(settings: Settings, params: dict, progress: JobProgress) -> Model
     return record
 
 
-def _existing_result(store: Store, job_id: int | None) -> ModelRecord | None:
-    if job_id is None:
-        return None
-    found = [m for m in models.list_models(store.db) if m.job_id == job_id and m.kind == "rloo"]
-    return found[0] if found else None
-
-
-def _base_policy(store: Store, model_id: int) -> ModelRecord:
-    try:
-        record = models.get_model(store.db, model_id)
-    except LookupError:
-        raise ValueError(f"No base policy with id {model_id}.") from None
-    if record.kind == "reward":
-        raise ValueError(
-            f"Model {model_id} ({record.name}) is a reward model, not a policy; choose a policy as the base."
-        )
-    return record
-
-
-def _reward_model(store: Store, model_id: int) -> ModelRecord:
-    try:
-        record = models.get_model(store.db, model_id)
-    except LookupError:
-        raise ValueError(f"No reward model with id {model_id}; train one with the reward job first.") from None
-    if record.kind != "reward":
-        raise ValueError(
-            f"Model {model_id} ({record.name}) is a {record.kind} policy, not a reward model; "
-            "set reward_model to the id of a model of kind reward (train one with the reward job)."
-        )
-    return record
-
-
 def _prompt_split(store: Store, source: str) -> tuple[list[str], list[str]]:
     """Training prompts and the held-out evaluation prompts, which training never sees.
 
@@ -301,20 +237,6 @@ def _prompt_split(store: Store, source: str) -> tuple[list[str], list[str]]:
             f"RLOO needs {source} prompts to train on and there are none; add prompts first."
         )
     return train, held_out
-
-
-def _load_policy(source: str, token: str | None):
-    """A fresh float32 copy of the model (never the shared generation cache) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(source, token=token, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, token=token)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f'"{source}" has a tokenizer with neither pad nor eos token.')
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def _mean_reward(model, tokenizer, scorer: Scorer, texts: list[str], decoding: Decoding, settings: Settings) -> float:
@@ -358,25 +280,6 @@ def _trainer_prompt(tokenizer, text: str):
     if tokenizer.chat_template:
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
     return format_prompt(tokenizer, text)
-
-
-def lora_config(model, r: int):
-    """LoRA on the attention's query/value projections (GPT-2's fused c_attn is a Conv1D)."""
-    from peft import LoraConfig
-    from transformers.pytorch_utils import Conv1D
-
-    leaves = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
-    if "q_proj" in leaves and "v_proj" in leaves:
-        targets = ["q_proj", "v_proj"]
-    elif "c_attn" in leaves:
-        targets = ["c_attn"]
-    else:
-        targets = None  # peft's default for the architecture
-    fan_in_fan_out = bool(targets) and any(isinstance(leaves[t], Conv1D) for t in targets)
-    return LoraConfig(
-        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
-        bias="none", task_type="CAUSAL_LM",
-    )
 
 
 def _trainer(settings, p: RlooParams, model, tokenizer, scorer, train_texts, decoding, output_dir,

@@ -24,6 +24,12 @@ from storage import models
 from storage.db import Store
 from storage.models import ModelRecord
 
+LORA_THRESHOLD_PARAMS = 50_000_000
+# Policy learning rates when a job gives none: small steps for all weights (RL on a noisy
+# learned reward needs them too); LoRA's few weights take larger ones.
+LORA_LEARNING_RATE = 5e-5
+FULL_LEARNING_RATE = 5e-6
+
 
 class ProgressCallback(TrainerCallback):
     """Reports trainer steps and logged losses to the job (and stops on cancel)."""
@@ -117,7 +123,80 @@ def unique_name(store: Store, base: str) -> str:
     return name
 
 
-def require_model(store: Store, model_id: int | None, what: str) -> ModelRecord:
+def chosen_model(store: Store, model_id, what: str, reward: bool = False) -> ModelRecord:
+    """The model a job parameter names: a story policy, or a reward model with reward=True.
+    The error says which id is wrong and why, since it ends up in the Jobs table."""
     if model_id is None:
         raise ValueError(f"Choose a {what}.")
-    return models.get_model(store.db, int(model_id))
+    try:
+        record = models.get_model(store.db, int(model_id))
+    except LookupError:
+        raise ValueError(f"No {what} with id {model_id}.") from None
+    if reward and record.kind != "reward":
+        raise ValueError(
+            f"Model {model_id} ({record.name}) is a {record.kind} policy, not a reward model; "
+            "train one with the reward job."
+        )
+    if not reward and record.kind == "reward":
+        raise ValueError(f"Model {model_id} ({record.name}) is a reward model, not a story policy; choose a policy.")
+    return record
+
+
+def job_result(store: Store, job_id: int | None, kind: str) -> ModelRecord | None:
+    """The model an earlier run of this same job registered: a re-queued job that got that
+    far returns it instead of training again."""
+    if job_id is None:
+        return None
+    found = [m for m in models.list_models(store.db) if m.job_id == job_id and m.kind == kind]
+    return found[0] if found else None
+
+
+def load_trainable_lm(source: str, token: str | None, padding_side: str | None = None):
+    """A fresh float32 copy of a causal LM to train (never the shared generation cache of
+    rlhf.models.load_causal_lm) and its tokenizer, with a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, token=token, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, token=token)
+    if padding_side:
+        tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f'The tokenizer of "{source}" has neither a pad nor an eos token.')
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def lora_and_rate(model, lora: bool | None, learning_rate: float | None) -> tuple[bool, float]:
+    """Whether to train a LoRA adapter (by default for models over LORA_THRESHOLD_PARAMS)
+    and the learning rate that goes with that choice unless the job set one."""
+    use_lora = lora if lora is not None else sum(p.numel() for p in model.parameters()) > LORA_THRESHOLD_PARAMS
+    return use_lora, learning_rate or (LORA_LEARNING_RATE if use_lora else FULL_LEARNING_RATE)
+
+
+def lora_config(model, r: int):
+    """LoRA on the attention's query/value projections: GPT-2's fused c_attn (a Conv1D,
+    weights stored as in x out) or Llama-style q_proj/v_proj; else peft's default targets."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    from transformers.pytorch_utils import Conv1D
+
+    leaves = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
+    if isinstance(leaves.get("c_attn"), Conv1D):
+        targets = ["c_attn"]
+    elif isinstance(leaves.get("q_proj"), torch.nn.Linear) and isinstance(leaves.get("v_proj"), torch.nn.Linear):
+        targets = ["q_proj", "v_proj"]
+    elif model.config.model_type in DEFAULTS:
+        targets = list(DEFAULTS[model.config.model_type])
+    else:
+        raise ValueError(
+            f"No known LoRA target modules for model type {model.config.model_type!r}; "
+            "train it with lora set to false (full fine-tuning)."
+        )
+    fan_in_fan_out = any(isinstance(leaves.get(t), Conv1D) for t in targets)
+    return LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
+    )

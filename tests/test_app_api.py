@@ -421,3 +421,15 @@ def test_researcher_only_job_launch(app, researcher):
     wait_for(lambda: query(db(data_dir), "SELECT status FROM jobs WHERE id = ?", [job_id])[0][0] == "cancelled", 30, "the queued job to be cancelled")
     with pytest.raises(AppError, match="JSON"):
         researcher.predict("dpo", 1, "quick", None, "{not json", None, api_name="/train")
+    jobs_now = job_count(data_dir)
+    for args, message in [
+        (("dpo", 999, "quick", None, "{}", None), "No base policy with id 999"),
+        (("dpo", 1, "quick", None, '{"loss_type": "kto"}', None), "loss_type must be one of"),
+        (("rloo", 1, "quick", None, "{}", None), "RLOO needs reward_model"),
+        (("rloo", 1, "quick", None, '{"reward_model": 2}', None), "not a reward model"),
+        (("reward", "abc", "quick", None, "{}", None), "Base must be a model id"),
+        (("pretrain", None, "quick", None, "{}", None), "Choose a corpus"),
+    ]:
+        with pytest.raises(AppError, match=message):
+            researcher.predict(*args, api_name="/train")
+    assert job_count(data_dir) == jobs_now

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.dpo import (
-    LORA_THRESHOLD_PARAMS,
     MIN_EVAL_PAIRS,
     PRESETS,
     DPOParams,
     TimeBudget,
-    lora_config,
     preference_dataset,
     train_dpo,
 )
@@ -96,10 +94,10 @@ def test_steps_are_capped_by_epochs_unless_given():
 
 @pytest.mark.parametrize("params, message", [
     ({"base": 1, "learning_rte": 1e-5}, "Unknown DPO parameter(s): learning_rte"),
-    ({"base": 1, "loss_type": "hinge"}, "Unknown loss_type 'hinge'; expected one of sigmoid, ipo, robust"),
+    ({"base": 1, "loss_type": "hinge"}, "loss_type must be one of sigmoid, ipo, robust, got 'hinge'"),
     ({"loss_type": "ipo"}, "Choose a base policy"),
     ({"base": True}, "base must be a whole number"),
-    ({"base": 1, "preset": "huge"}, "Unknown preset 'huge'"),
+    ({"base": 1, "preset": "huge"}, "preset must be one of quick, full, got 'huge'"),
     ({"base": 1, "beta": 0}, "beta must be in (0, 10]"),
     ({"base": 1, "beta": "0.1"}, "beta must be a number"),
     ({"base": 1, "label_smoothing": 0.1}, "label_smoothing applies to loss_type robust only"),
@@ -137,20 +135,6 @@ def test_training_text_is_the_generation_prompt(arena_dir):
     row = preference_dataset(records, tokenizer)[0]
     assert row["prompt"] == format_prompt(tokenizer, "A cat finds a hat.")
     assert row["prompt"].endswith("<assistant>") and row["chosen"] == "Once a cat."
-
-
-def test_lora_targets_follow_the_architecture(arena_dir):
-    settings, store = arena_dir
-    gpt2 = AutoModelForCausalLM.from_pretrained(models.get_model_by_name(store.db, "tiny-t0.7").path)
-    config = lora_config(gpt2, 4)
-    assert set(config.target_modules) == {"c_attn"} and config.fan_in_fan_out and config.r == 4
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2,
-    ))
-    config = lora_config(llama, 8)
-    assert set(config.target_modules) == {"q_proj", "v_proj"} and not config.fan_in_fan_out
-    assert sum(p.numel() for p in gpt2.parameters()) < LORA_THRESHOLD_PARAMS  # tiny: full fine-tuning by default
 
 
 # --- end to end through the job runner ------------------------------------------------------
@@ -263,8 +247,8 @@ def test_too_few_votes_fail_the_job_clearly(arena_dir):
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"base": 999}, "Unknown base policy id 999"),
-    ({"loss_type": "kto"}, "Unknown loss_type 'kto'"),
+    ({"base": 999}, "No base policy with id 999"),
+    ({"loss_type": "kto"}, "loss_type must be one of sigmoid, ipo, robust, got 'kto'"),
     ({"beta": -1}, "beta must be in (0, 10]"),
 ])
 def test_bad_jobs_fail_with_a_clear_error(voted, params, message):

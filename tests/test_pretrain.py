@@ -184,7 +184,7 @@ def test_distill_the_tiny_starters_pool(arena_dir):
 def test_distill_needs_a_policy_with_stories(arena_dir):
     settings, store = arena_dir
     job = jobs.run_inline(settings, "pretrain", {"corpus": {"distill": 999}, **TINY})
-    assert job["status"] == "failed" and "no such policy" in job["error"]
+    assert job["status"] == "failed" and "No policy to distill with id" in job["error"]
     empty = models.add_model(store.db, "no-stories", "local", path=str(settings.models_dir))
     job = jobs.run_inline(settings, "pretrain", {"corpus": {"distill": empty.id}, **TINY})
     assert job["status"] == "failed" and "has 0 stories in the pool" in job["error"]
@@ -260,8 +260,8 @@ def test_presets_and_overrides(txt_corpus):
     ({"corpus": {"hub": ""}}, "corpus hub must be a non-empty string"),
     ({"corpus": {"distill": "three"}}, "corpus distill .a policy id. must be a whole number"),
     ({"corpus": {"distill": 1}, "epochs": 3}, r"Unknown pretrain parameter\(s\): epochs"),
-    ({"corpus": {"distill": 1}, "size": "huge"}, "Unknown size 'huge'; expected one of small, base"),
-    ({"corpus": {"distill": 1}, "preset": "slow"}, "Unknown preset 'slow'"),
+    ({"corpus": {"distill": 1}, "size": "huge"}, "size must be one of small, base, got 'huge'"),
+    ({"corpus": {"distill": 1}, "preset": "slow"}, "preset must be one of quick"),
     ({"corpus": {"distill": 1}, "max_steps": 0}, "max_steps must be between 1 and"),
     ({"corpus": {"distill": 1}, "max_steps": 2.5}, "max_steps must be a whole number"),
     ({"corpus": {"distill": 1}, "learning_rate": 0}, r"learning_rate must be in \(0, 0.1\]"),

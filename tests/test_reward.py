@@ -72,15 +72,15 @@ def test_params_defaults_follow_the_preset_and_explicit_keys_win():
     ({"steps": 3}, "Unknown reward parameter"),
     ({"preset": "huge"}, "preset must be one of"),
     ({"backbone": "bert"}, "backbone must be one of"),
-    ({"max_steps": 0}, "max_steps must be in"),
+    ({"max_steps": 0}, "max_steps must be between"),
     ({"max_steps": 2.5}, "max_steps must be a whole number"),
     ({"batch_size": True}, "batch_size must be a whole number"),
     ({"learning_rate": 0}, "learning_rate must be in"),
     ({"learning_rate": "fast"}, "learning_rate must be a number"),
     ({"eval_fraction": 0.95}, "eval_fraction must be in"),
-    ({"min_pairs": 1}, "min_pairs must be in"),
-    ({"max_length": 8}, "max_length must be in"),
-    ({"train_layers": -2}, "train_layers must be in"),
+    ({"min_pairs": 1}, "min_pairs must be between"),
+    ({"max_length": 8}, "max_length must be between"),
+    ({"train_layers": -2}, "train_layers must be between"),
     ({"base": "first"}, "base must be a whole number"),
 ])
 def test_params_reject_bad_values_clearly(params, message):
@@ -146,7 +146,7 @@ def test_scores_pair_prediction_and_agreement(store):
 def test_reward_model_learns_longer_is_better_and_predicts_live_votes(arena_dir):
     settings, store = arena_dir
     db = store.db
-    policy_x, _ = _vote_longer(store)
+    policy_x, policy_y = _vote_longer(store)
     jobs_before = len(jobs.list_jobs(db, limit=100))
 
     job = run_inline(settings, "reward", {"base": policy_x, **TINY_PARAMS})
@@ -186,14 +186,20 @@ def test_reward_model_learns_longer_is_better_and_predicts_live_votes(arena_dir)
     assert new and vote["predicted_by"] == record.id and 0.0 < vote["predicted"] < 1.0
     assert scores.agreement(db)["predicted"] == 1
 
-    # stories written later are scored by the pool hook
+    # stories a generate job writes later are scored as they are written
     prompts.add_prompts(db, ["A brand new prompt."], source="user")
-    pid = db.execute("SELECT id FROM prompts WHERE text = 'A brand new prompt.'").fetchone()[0]
-    cid = completions.add_completion(db, pid, policy_x, long)
-    assert score_new_completions(store, settings, policy_x) == 1
-    assert score_new_completions(store, settings, policy_x) == 0
-    expected = scorer(["A brand new prompt."], [long])[0]
+    generated = run_inline(settings, "generate", {"model_ids": [policy_x], "prompts": None})
+    assert generated["status"] == "succeeded", generated["error"]
+    (cid, text), = db.execute(
+        "SELECT c.id, c.text FROM completions c JOIN prompts p ON p.id = c.prompt_id"
+        " WHERE p.text = 'A brand new prompt.'").fetchall()
+    expected = scorer(["A brand new prompt."], [text])[0]
     assert scores.scores_for(db, record.id, [cid])[cid] == pytest.approx(expected, abs=1e-4)
+    assert score_new_completions(store, settings, policy_x) == 0
+    pid = db.execute("SELECT prompt_id FROM completions WHERE id = ?", [cid]).fetchone()[0]
+    completions.add_completion(db, pid, policy_y, long)
+    assert score_new_completions(store, settings) == 1
+    assert score_new_completions(store, settings) == 0
 
     # a re-run of the same job (re-queued after a crash) reuses the registered model
     jobs.update_job(db, job["id"], status="running")
@@ -207,7 +213,7 @@ def test_reward_job_refuses_bad_inputs(arena_dir):
     with pytest.raises(ValueError, match="at least 8 decided votes"):
         train_reward(settings, {}, progress)
     policy_x, _ = _vote_longer(store, n=10)
-    with pytest.raises(ValueError, match="No policy with id 999"):
+    with pytest.raises(ValueError, match="No base policy with id 999"):
         train_reward(settings, {"base": 999}, progress)
     job = run_inline(settings, "reward", {"base": policy_x, "max_steps": 2, "batch_size": 2, "max_length": 64})
     assert job["status"] == "succeeded", job["error"]

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf.generate import Decoding, generate_stories
 from rlhf.jobs import run_inline
 from rlhf.models import load_causal_lm
-from rlhf.rloo import PRESETS, RlooParams, lora_config, reward_function
+from rlhf.rloo import PRESETS, RlooParams, reward_function
 from storage import annotators, completions, models, votes
 from storage import jobs as job_rows
 
@@ -52,8 +51,8 @@ def test_quick_preset_is_the_default_and_explicit_keys_override_it():
     ({"reward_model": 2}, "base"),
     ({"base": 1, "reward_model": 2, "preset": "huge"}, "preset must be one of quick, full"),
     ({"base": 1, "reward_model": 2, "beta": -0.1}, "beta must be in [0.0, 10.0]"),
-    ({"base": 1, "reward_model": 2, "num_generations": 1}, "num_generations must be in 2..64"),
-    ({"base": 1, "reward_model": 2, "max_steps": 0}, "max_steps must be in 1..1000000"),
+    ({"base": 1, "reward_model": 2, "num_generations": 1}, "num_generations must be between 2 and 64"),
+    ({"base": 1, "reward_model": 2, "max_steps": 0}, "max_steps must be between 1 and 1000000"),
     ({"base": 1, "reward_model": 2, "max_steps": 2.5}, "max_steps must be a whole number"),
     ({"base": 1, "reward_model": 2, "temperature": 0}, "temperature must be in (0.0, 2.0]"),
     ({"base": 1, "reward_model": 2, "lora": "yes"}, "lora must be true or false"),
@@ -91,18 +90,6 @@ def test_reward_function_scores_plain_and_conversational_completions():
     assert plain == [len("Once upon a time.")] and chat == [len("Woof.")]
     assert seen == [(["A cat."], ["Once upon a time."]), (["A dog."], ["Woof."])]
     assert all(isinstance(x, float) for x in plain + chat)
-
-
-def test_lora_targets_attention_of_gpt2_and_llama():
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
-    config = lora_config(gpt2, r=4)
-    assert set(config.target_modules) == {"c_attn"} and config.fan_in_fan_out and config.r == 4
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2,
-    ))
-    config = lora_config(llama, r=8)
-    assert set(config.target_modules) == {"q_proj", "v_proj"} and not config.fan_in_fan_out
 
 
 # --- end to end -------------------------------------------------------------------------

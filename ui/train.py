@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from rlhf.jobs import TRAINING_KINDS, log_path
+from rlhf.jobs import TRAINING_KINDS, check_training_params, log_path
 from rlhf.settings import Settings
 from rlhf.progress import read_metrics
 from storage import jobs as job_rows
@@ -35,7 +35,7 @@ def _model_choices(store: Store) -> list[tuple[str, int]]:
 
 
 def job_params(kind: str, base: int | None, preset: str, max_steps: float | None, extra: str, corpus: str | None) -> dict:
-    """The job's parameters from the form; the kind's own dataclass validates them in the job."""
+    """The job's parameters from the form (check_training_params validates them)."""
     if kind not in TRAINING_KINDS:
         raise ValueError(f"Choose what to train: {', '.join(TRAINING_KINDS)}.")
     try:
@@ -45,8 +45,11 @@ def job_params(kind: str, base: int | None, preset: str, max_steps: float | None
     if not isinstance(params, dict):
         raise ValueError("Extra parameters must be a JSON object.")
     params["preset"] = preset
-    if base is not None and kind != "pretrain":
-        params["base"] = int(base)
+    if base not in (None, "") and kind != "pretrain":
+        try:
+            params["base"] = int(base)
+        except (TypeError, ValueError):
+            raise ValueError(f"Base must be a model id, got {base!r}.") from None
     if max_steps:
         params["max_steps"] = int(max_steps)
     if kind == "pretrain" and corpus:
@@ -107,7 +110,9 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
     with gr.Group(visible=False) as tools:
         kind = gr.Dropdown(label="Kind", choices=list(TRAINING_KINDS), value="reward")
         kind_help = gr.Markdown(KIND_HELP["reward"])
-        base = gr.Dropdown(label="Base policy / model", choices=[])
+        # Choices are refreshed on page load; a custom value lets API clients and pages opened
+        # before a model existed name any id, which check_training_params then checks.
+        base = gr.Dropdown(label="Base policy / model", choices=_model_choices(store), allow_custom_value=True)
         preset = gr.Radio(["quick", "full"], value="quick", label="Budget (quick: under 10 minutes on 2 CPU cores for the starter)")
         max_steps = gr.Number(label="Max steps (empty: from the budget)", precision=0)
         extra = gr.Textbox(label="Extra parameters (JSON)", value="{}", max_length=2000,
@@ -121,6 +126,7 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
         try:
             corpus_path = save_upload(settings, upload) if kind_value == "pretrain" else None
             params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path)
+            check_training_params(store, kind_value, params)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
         job_id = job_rows.create_job(store.db, kind_value, params, who["id"])

@@ -1,0 +1,98 @@
+"""The plumbing every training kind shares: parameter checks, model choice, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
+from rlhf.training import (
+    FULL_LEARNING_RATE,
+    LORA_LEARNING_RATE,
+    chosen_model,
+    job_result,
+    lora_and_rate,
+    lora_config,
+)
+from storage import jobs, models
+
+
+def tiny_gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+
+
+def tiny_llama():
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    ))
+
+
+@pytest.mark.parametrize("check, args, message", [
+    (check_whole, ("steps", 2.5, 1, 9), "steps must be a whole number, got 2.5"),
+    (check_whole, ("steps", True, 1, 9), "steps must be a whole number, got True"),
+    (check_whole, ("steps", 0, 1, 9), "steps must be between 1 and 9, got 0"),
+    (check_real, ("rate", float("nan"), 0, 1), "rate must be a number"),
+    (check_real, ("rate", "fast", 0, 1), "rate must be a number"),
+    (check_real, ("rate", 0, 0, 1), r"rate must be in \(0, 1\], got 0"),
+    (check_real, ("share", 1.5, 0, 1, False), r"share must be in \[0, 1\], got 1.5"),
+    (check_choice, ("loss", "kto", ["sigmoid", "ipo"]), "loss must be one of sigmoid, ipo, got 'kto'"),
+    (check_optional_bool, ("lora", "yes"), "lora must be true or false"),
+])
+def test_checks_name_the_value_and_its_range(check, args, message):
+    with pytest.raises(ValueError, match=message):
+        check(*args)
+
+
+def test_checks_pass_good_values_through():
+    assert check_whole("n", 3, 1, 9) == 3
+    assert check_real("r", 0, 0, 1, low_open=False) == 0.0
+    assert check_choice("c", "a", ["a"]) == "a"
+    assert check_optional_bool("b", None) is None
+
+
+def test_given_params_drop_unset_keys_and_refuse_unknown_ones():
+    assert given_params("DPO", {"beta": 0.1, "lora": None}, ["beta", "lora"]) == {"beta": 0.1}
+    assert given_params("DPO", None, ["beta"]) == {}
+    with pytest.raises(ValueError, match=r"Unknown DPO parameter\(s\): bta \(known: beta\)"):
+        given_params("DPO", {"bta": 1}, ["beta"])
+    with pytest.raises(ValueError, match="DPO parameters must be a JSON object, got list"):
+        given_params("DPO", [1], ["beta"])
+
+
+def test_chosen_model_explains_a_wrong_id(store):
+    policy = models.add_model(store.db, "writer", "local", path="/nowhere")
+    scorer = models.add_model(store.db, "judge", "reward", path="/nowhere", active=False)
+    assert chosen_model(store, policy.id, "base policy").id == policy.id
+    assert chosen_model(store, str(scorer.id), "reward model", reward=True).id == scorer.id
+    with pytest.raises(ValueError, match="No base policy with id 999"):
+        chosen_model(store, 999, "base policy")
+    with pytest.raises(ValueError, match="is a reward model, not a story policy"):
+        chosen_model(store, scorer.id, "base policy")
+    with pytest.raises(ValueError, match="is a local policy, not a reward model"):
+        chosen_model(store, policy.id, "reward model", reward=True)
+    with pytest.raises(ValueError, match="Choose a base policy"):
+        chosen_model(store, None, "base policy")
+
+
+def test_job_result_finds_what_a_previous_run_of_the_job_registered(store):
+    other, this = (jobs.create_job(store.db, "dpo", {}) for _ in range(2))
+    assert job_result(store, None, "dpo") is None
+    assert job_result(store, this, "dpo") is None
+    models.add_model(store.db, "other-job", "dpo", path="/a", job_id=other)
+    mine = models.add_model(store.db, "this-job", "dpo", path="/b", job_id=this)
+    assert job_result(store, this, "dpo").id == mine.id
+    assert job_result(store, this, "rloo") is None
+
+
+def test_lora_targets_the_attention_of_gpt2_and_llama():
+    config = lora_config(tiny_gpt2(), 4)
+    assert set(config.target_modules) == {"c_attn"} and config.fan_in_fan_out and config.r == 4
+    config = lora_config(tiny_llama(), 8)
+    assert set(config.target_modules) == {"q_proj", "v_proj"} and not config.fan_in_fan_out
+
+
+def test_lora_is_the_default_only_for_large_models():
+    assert lora_and_rate(tiny_gpt2(), None, None) == (False, FULL_LEARNING_RATE)
+    assert lora_and_rate(tiny_gpt2(), True, None) == (True, LORA_LEARNING_RATE)
+    assert lora_and_rate(tiny_gpt2(), None, 1e-3) == (False, 1e-3)
