@@ -13,19 +13,12 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from rlhf.params import check_real, check_whole, given_params
+
 SYSTEM_PROMPT = (
     "You are a storyteller for young children. Write a short, simple story for the "
     "user's prompt, in plain words a five-year-old understands."
 )
-
-
-def _number(name: str, value, low: float, high: float, low_open: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
 
 
 @dataclass(frozen=True)
@@ -38,24 +31,14 @@ class Decoding:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        _number("temperature", self.temperature, 0, 2, low_open=True)
-        _number("top_p", self.top_p, 0, 1, low_open=True)
-        _number("repetition_penalty", self.repetition_penalty, 1, 2, low_open=False)
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise ValueError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
-        if not 1 <= self.max_new_tokens <= 1024:
-            raise ValueError(f"max_new_tokens must be in 1..1024, got {self.max_new_tokens}")
+        check_real("temperature", self.temperature, 0, 2)
+        check_real("top_p", self.top_p, 0, 1)
+        check_real("repetition_penalty", self.repetition_penalty, 1, 2, low_open=False)
+        check_whole("max_new_tokens", self.max_new_tokens, 1, 1024)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Decoding:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown decoding setting(s): {', '.join(map(str, unknown))} "
-                f"(known: {', '.join(sorted(known))})"
-            )
-        return cls(**d)
+        return cls(**given_params("decoding", d, [f.name for f in fields(cls)]))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -56,6 +56,8 @@ TRAINING_KINDS: dict[str, tuple[str, str, str]] = {
     "dpo": ("rlhf.dpo", "train_dpo", "DPOParams"),
     "rloo": ("rlhf.rloo", "train_rloo", "RlooParams"),
     "pretrain": ("rlhf.pretrain", "train_pretrain", "PretrainParams"),
+    "dph": ("rlhf.dph", "train_dph", "DPHParams"),
+    "weak": ("rlhf.weak", "train_weak", "WeakParams"),
 }
 
 

@@ -6,6 +6,7 @@ Light on purpose (no torch): the checks run before a job is queued as well as in
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 
@@ -53,3 +54,14 @@ def given_params(what: str, params, known: Iterable[str]) -> dict:
             f"Unknown {what} parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})."
         )
     return {k: v for k, v in params.items() if v is not None}
+
+
+def json_object(text: str | None, what: str, example: str) -> dict:
+    """A JSON object typed into a form field (empty means {})."""
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} must be a JSON object: {exc.msg}.") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, e.g. {example}.")
+    return value

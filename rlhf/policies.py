@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from rlhf.generate import Decoding
 from rlhf.models import ModelLoadError, check_loadable
+from rlhf.params import json_object
 from rlhf.settings import Settings
 from storage import jobs as job_rows
 from storage import models
@@ -19,12 +19,7 @@ POLICY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$")
 
 def parse_decoding(text: str) -> dict:
     """Decoding settings from a JSON object typed into a form; validated by Decoding."""
-    try:
-        value = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"Decoding settings must be a JSON object: {exc.msg}.") from exc
-    if not isinstance(value, dict):
-        raise ValueError('Decoding settings must be a JSON object, e.g. {"temperature": 0.8}.')
+    value = json_object(text, "Decoding settings", '{"temperature": 0.8}')
     Decoding.from_dict(value)
     return value
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from rlhf.dph import best_of, best_of_k, head_scorer
 from rlhf.generate import Decoding, generate_stories
 from rlhf.models import load_causal_lm, resolve_device
 from rlhf.settings import Settings
@@ -44,14 +45,18 @@ def fill_pool(
                 continue
             model, tokenizer = load_causal_lm(policy.source, device, settings.hub_token)
             decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **policy.decoding})
-            stories = generate_stories(
-                model, tokenizer, [todo[policy.id][pid] for pid in wanted], decoding,
-                batch_size=step, seed=None if seed is None else seed + start,
-            )
+            texts, batch_seed = [todo[policy.id][pid] for pid in wanted], None if seed is None else seed + start
+            k = best_of(policy.source)  # a DPH policy keeps the best of k samples by its head
+            if k is None:
+                stories = generate_stories(model, tokenizer, texts, decoding, batch_size=step, seed=batch_seed)
+            else:
+                score = head_scorer(policy.source, device, settings.hub_token)
+                stories = best_of_k(model, tokenizer, texts, decoding, k, score, batch_size=step, seed=batch_seed)
+            gen_params = decoding.to_dict() if k is None else {**decoding.to_dict(), "best_of": k}
             for pid, story in zip(wanted, stories):
                 completions.add_completion(
                     db, pid, policy.id, story.text[: settings.max_story_chars],
-                    decoding.to_dict(), story.tokens, story.ms,
+                    gen_params, story.tokens, story.ms,
                 )
             done += len(wanted)
             progress(done / total, f"{done}/{total} stories written ({policy.name})")

@@ -56,7 +56,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.generate import format_prompt
 from rlhf.models import ModelLoadError, resolve_device
-from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
 from rlhf.settings import Settings
 from rlhf.training import (
     chosen_model,
@@ -95,7 +95,14 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
 
 @dataclass(frozen=True)
 class RewardParams:
-    """Validated parameters of a reward job (see the module docstring)."""
+    """Validated parameters of a reward job (see the module docstring).
+
+    weak_labels adds the stored weak votes (rlhf.weak, the `weak` job) to the training
+    split: those with confidence at least weak_threshold, on pairs people have not voted
+    on, each kept with probability weak_weight (RewardTrainer has no per-example weight;
+    sampling gives each weak pair weak_weight times a human pair's expected share of the
+    loss). Held-out evaluation and min_pairs count human votes only.
+    """
 
     base: int | None = None
     backbone: str = "policy"
@@ -107,6 +114,9 @@ class RewardParams:
     min_pairs: int = 8
     max_length: int = 320
     train_layers: int = 2
+    weak_labels: bool = False
+    weak_threshold: float = 0.8
+    weak_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> RewardParams:
@@ -127,6 +137,9 @@ class RewardParams:
             min_pairs=check_whole("min_pairs", values.get("min_pairs", 8), 2, 10_000_000),
             max_length=check_whole("max_length", values["max_length"], 16, 32_768),
             train_layers=check_whole("train_layers", values["train_layers"], -1, 10_000),
+            weak_labels=bool(check_optional_bool("weak_labels", values.get("weak_labels", False))),
+            weak_threshold=check_real("weak_threshold", values.get("weak_threshold", 0.8), 0.5, 1, low_open=False),
+            weak_weight=check_real("weak_weight", values.get("weak_weight", 1.0), 0, 1),
         )
 
     def to_dict(self) -> dict:
@@ -237,9 +250,14 @@ def load_reward_scorer(record: ModelRecord, device: torch.device | str = "cpu") 
     key = (record.source, str(device))
     with _scorers_lock:
         if key not in _scorers:
-            model, tokenizer = _load_for_scoring(record.source, device)
             meta = read_meta(Path(record.source)) if record.path else {"backbone": "policy", "max_length": 512}
-            _scorers[key] = make_scorer(model, tokenizer, meta, device)
+            if meta["backbone"] == "dph":  # a Direct Preference Head beside its LM (rlhf.dph)
+                from rlhf.dph import head_scorer
+
+                _scorers[key] = head_scorer(record.source, device)
+            else:
+                model, tokenizer = _load_for_scoring(record.source, device)
+                _scorers[key] = make_scorer(model, tokenizer, meta, device)
         return _scorers[key]
 
 
@@ -364,7 +382,10 @@ def pairwise_accuracy(db, reward_model_id: int, records: Sequence[dict]) -> tupl
 
 
 def train_reward(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
-    """Train a reward model on human votes, score the pool with it, register it."""
+    """Train a reward model on human votes (plus weak labels if asked), score the pool
+    with it, register it."""
+    from rlhf.weak import weak_training_pairs
+
     p = RewardParams.from_dict(params)
     store = settings.store()
     db = store.db
@@ -375,13 +396,19 @@ def train_reward(settings: Settings, params: dict, progress: JobProgress) -> Mod
         source, parent, label = str(minilm_dir()), None, "minilm"
 
     train, held_out, snapshot = preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction)
+    weak_pairs = weak_training_pairs(store, p.weak_threshold, p.weak_weight) if p.weak_labels else []
+    if p.weak_labels and not weak_pairs:
+        raise ValueError(
+            f"weak_labels is on but no weak pair was kept (weak_threshold {p.weak_threshold:g}, "
+            f"weak_weight {p.weak_weight:g}): run the weak job first, or lower the threshold."
+        )
     output_dir = progress.output_dir("reward")
     record = job_result(store, progress.job_id, "reward")
     metrics: dict = {}
     if record is None:
         progress(0.0, f"loading the {p.backbone} backbone from {source}")
-        metrics = _fit(settings, p, source, train, output_dir, progress)
-        metrics.update(snapshot)
+        metrics = _fit(settings, p, source, train + weak_pairs, output_dir, progress)
+        metrics.update(snapshot, weak_pairs_used=len(weak_pairs))
         record = register_checkpoint(
             store, settings, name=f"reward-{label}", kind="reward", path=output_dir, parent=parent,
             job_id=progress.job_id, metrics=metrics, policy=False,

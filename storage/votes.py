@@ -124,10 +124,11 @@ def annotator_vote_count(db: Database, annotator_id: int) -> int:
 
 
 def votes_per_annotator(db: Database) -> list[dict]:
+    """People's votes per annotator (weak labels have no annotator and are left out)."""
     return list(db.query(
-        "SELECT coalesce(a.name, '(none)') AS annotator, coalesce(a.role, '') AS role,"
+        "SELECT a.name AS annotator, a.role AS role,"
         " count(*) AS votes, sum(v.choice = 'tie') AS ties, sum(v.choice = 'both_bad') AS both_bad"
-        " FROM votes v LEFT JOIN annotators a ON a.id = v.annotator_id"
+        " FROM votes v JOIN annotators a ON a.id = v.annotator_id"
         " GROUP BY v.annotator_id ORDER BY votes DESC"
     ))
 

@@ -13,7 +13,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,18 +29,6 @@ TINY_SETTINGS = dict(
 
 def tiny_settings(data_dir: Path, **overrides) -> Settings:
     return Settings(data_dir=Path(data_dir).resolve(), **{**TINY_SETTINGS, **overrides})
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def clean_env() -> dict[str, str]:

@@ -1,19 +1,17 @@
 """End to end in a real browser: sign in, vote with the keyboard, undo, leaderboard, XSS.
 
 One app (tiny random GPT-2, six-prompt pool) serves the whole module; Chromium is the
-Debian build at /usr/bin/chromium driven by Playwright. Set UPDATE_SCREENSHOT=1 to
-refresh docs/arena.png (the README's screenshot) from this run.
+Debian build at /usr/bin/chromium driven by Playwright.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import pytest
 
-from tests.app_server import ROOT, TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
+from tests.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -146,11 +144,6 @@ def test_keyboard_votes_undo_and_leaderboard(arena, page):
     assert query(db_path(data_dir), "SELECT text FROM prompts WHERE id = ?", [first["prompt_id"]])[0][0] == first_prompt
     # The rationale box is cleared for the next pair.
     expect(page.locator("#rationale").get_by_role("textbox")).to_have_value("")
-
-    if os.environ.get("UPDATE_SCREENSHOT") == "1":
-        docs = ROOT / "docs"
-        docs.mkdir(exist_ok=True)
-        page.screenshot(path=str(docs / "arena.png"), full_page=True)
 
     second_prompt = page.inner_text("#arena-prompt").strip()
     press_on_body(page, "4")

@@ -103,12 +103,12 @@ def test_decoding_defaults_and_round_trip():
         ({"temperature": "hot"}, "temperature must be a number"),
         ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.01}, "top_p must be in"),
-        ({"max_new_tokens": 0}, r"max_new_tokens must be in 1\.\.1024"),
-        ({"max_new_tokens": 1025}, "max_new_tokens must be in"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be between 1 and 1024"),
+        ({"max_new_tokens": 1025}, "max_new_tokens must be between"),
         ({"max_new_tokens": 10.5}, "max_new_tokens must be a whole number"),
         ({"max_new_tokens": True}, "max_new_tokens must be a whole number"),
         ({"repetition_penalty": 0.5}, r"repetition_penalty must be in \[1, 2\]"),
-        ({"temprature": 0.7}, "unknown decoding setting.*temprature"),
+        ({"temprature": 0.7}, r"Unknown decoding parameter\(s\): temprature"),
     ],
 )
 def test_decoding_validation(settings, message):

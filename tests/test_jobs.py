@@ -12,7 +12,8 @@ import pytest
 from rlhf.jobs import JobWorker
 from storage import completions, models
 from storage import jobs as job_rows
-from tests.conftest import clean_env, wait_for
+from tests.app_server import wait_for
+from tests.conftest import clean_env
 
 JOB_TIMEOUT_S = 120  # a job process pays torch + transformers imports: slow on a busy 2-core box
 

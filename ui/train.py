@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from rlhf.jobs import TRAINING_KINDS, check_training_params, log_path
+from rlhf.params import json_object
 from rlhf.settings import Settings
 from rlhf.progress import read_metrics
 from storage import jobs as job_rows
@@ -24,7 +24,11 @@ KIND_HELP = {
     "dpo": "Direct Preference Optimization on the preferences (DPOTrainer; loss_type sigmoid, ipo or robust).",
     "rloo": "RLHF with RLOO and a reward model: set reward_model in the extra parameters, e.g. {\"reward_model\": 3}. Quick: 32 steps (about 10 min for the starter on 2 CPU cores).",
     "pretrain": "BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
+    "dph": "Direct Preference Head: a scalar head on the base policy's last hidden state (LM untouched in the default mode head). Registers a best-of-k policy and the head as a reward model; extra e.g. {\"best_of\": 4, \"objective\": \"separable\", \"mode\": \"lora\", \"w_dpo\": 0.5}.",
+    "weak": "Weak labels: labeling functions and a Snorkel label model label the pool's unvoted pairs (source weak, never on the leaderboard); Max steps: label-model epochs; extra e.g. {\"threshold\": 0.8}. Then train a reward model with {\"weak_labels\": true}.",
 }
+# Kinds that start from no policy: a base picked in the form is not passed to them.
+KINDS_WITHOUT_BASE = ("pretrain", "weak")
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 LOG_TAIL_LINES = 40
@@ -38,14 +42,9 @@ def job_params(kind: str, base: int | None, preset: str, max_steps: float | None
     """The job's parameters from the form (check_training_params validates them)."""
     if kind not in TRAINING_KINDS:
         raise ValueError(f"Choose what to train: {', '.join(TRAINING_KINDS)}.")
-    try:
-        params = json.loads(extra or "{}")
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"Extra parameters must be a JSON object: {exc.msg}.") from exc
-    if not isinstance(params, dict):
-        raise ValueError("Extra parameters must be a JSON object.")
+    params = json_object(extra, "Extra parameters", '{"beta": 0.1}')
     params["preset"] = preset
-    if base not in (None, "") and kind != "pretrain":
+    if base not in (None, "") and kind not in KINDS_WITHOUT_BASE:
         try:
             params["base"] = int(base)
         except (TypeError, ValueError):

