@@ -28,8 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +35,7 @@ from pathlib import Path
 from gradio_client import Client
 
 from rlhf.simulate import Annotator, Oracle, read_screen
-from tests.app_server import ROOT, START_TIMEOUT_S, free_port, running_app, wait_for, wait_for_pool
+from tests.app_server import ROOT, START_TIMEOUT_S, free_port, responds, running_app, wait_for, wait_for_pool
 
 # Two starter policies make one pair per prompt: an annotator can vote this many times at most.
 POOL_PROMPTS = 12
@@ -60,14 +58,6 @@ def serve_floor(port: int) -> None:
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY).launch(server_name="127.0.0.1", server_port=port)
 
 
-def _responds(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @contextlib.contextmanager
 def floor_app(log_path: Path) -> Iterator[str]:
     """Run the floor app in its own process; yield its URL."""
@@ -83,7 +73,7 @@ def floor_app(log_path: Path) -> Iterator[str]:
         def ready() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"the floor app exited with code {proc.returncode}; see {log_path}")
-            return _responds(url + "/")
+            return responds(url + "/")
 
         wait_for(ready, START_TIMEOUT_S, "the floor app", interval=0.3)
         yield url

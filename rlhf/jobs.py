@@ -28,7 +28,7 @@ from storage.db import Store
 from storage.models import ModelRecord
 
 CANCEL_GRACE_S = 5.0
-JobFunction = Callable[[Settings, dict, Callable[[float, str], None]], "ModelRecord | None"]
+JobFunction = Callable[[Settings, dict, Callable[[float, str], None]], ModelRecord | None]
 
 
 def _prepare_job(settings: Settings, params: dict, progress) -> None:

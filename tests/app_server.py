@@ -109,7 +109,8 @@ def _job_logs(data_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _responds(url: str) -> bool:
+def responds(url: str) -> bool:
+    """Whether a server answers 200 at url."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
@@ -162,7 +163,7 @@ def running_app(
             )
         try:
             deadline = time.monotonic() + start_timeout
-            while not _responds(url + "/"):
+            while not responds(url + "/"):
                 if proc.poll() is not None:
                     output = log_path.read_bytes()[log_start:].decode(errors="replace")
                     busy = ("cannot find empty port", "address already in use")
