@@ -125,6 +125,7 @@ class DPHParams:
     lora_r: int = 8
     eval_fraction: float = 0.2
     min_pairs: int = 8
+    min_annotators: int = 1
     register_reward: bool = True
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
@@ -164,6 +165,7 @@ class DPHParams:
         check_whole("lora_r", self.lora_r, 1, 512)
         check_real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
         check_whole("min_pairs", self.min_pairs, 2, 10_000_000)
+        check_whole("min_annotators", self.min_annotators, 1, 1000)
         check_optional_bool("register_reward", self.register_reward)
 
 
@@ -627,7 +629,9 @@ def train_dph(settings: Settings, params: dict, progress: JobProgress) -> ModelR
     if done is not None:
         return _finish_requeued(settings, store, done, progress)
     base = chosen_model(store, p.base, "base policy")
-    train_records, eval_records, snapshot = preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction)
+    train_records, eval_records, snapshot = preference_data(
+        store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
+    )
     train_records, eval_records = train_records[: p.max_train_pairs], eval_records[: p.max_eval_pairs]
 
     progress(0.0, f"loading {base.name}")

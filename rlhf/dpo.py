@@ -104,6 +104,7 @@ class DPOParams:
     eval_fraction: float = 0.2
     max_eval_pairs: int = PRESETS["quick"]["max_eval_pairs"]
     min_pairs: int = 8
+    min_annotators: int = 1
     max_length: int = PRESETS["quick"]["max_length"]
     max_minutes: float = PRESETS["quick"]["max_minutes"]
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
@@ -140,6 +141,7 @@ class DPOParams:
         check_real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
         check_whole("max_eval_pairs", self.max_eval_pairs, 1, 1_000_000)
         check_whole("min_pairs", self.min_pairs, 2, 1_000_000)
+        check_whole("min_annotators", self.min_annotators, 1, 1000)
         check_whole("max_length", self.max_length, 16, 32768)
         check_real("max_minutes", self.max_minutes, 0, 7 * 24 * 60, low_open=False)
 
@@ -259,7 +261,9 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
         progress(1.0, f"model already registered as #{done.id} {done.name}")
         return done
     base = chosen_model(store, p.base, "base policy")
-    train_records, eval_records, snapshot = preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction)
+    train_records, eval_records, snapshot = preference_data(
+        store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
+    )
     eval_records = eval_records[: p.max_eval_pairs]
 
     progress(0.0, f"loading {base.name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -12,10 +13,22 @@ from storage.db import Store
 
 
 def preference_records(
-    store: Store, sources: tuple[str, ...] = ("human",), include_undecided: bool = False
+    store: Store, sources: tuple[str, ...] = ("human",), include_undecided: bool = False,
+    min_annotators: int = 1,
 ) -> Iterator[dict]:
-    """One record per decided vote; ties and both-bad are skipped, or kept with `label` set."""
-    for row in votes.preference_rows(store.db, sources):
+    """One record per decided vote; ties and both-bad are skipped, or kept with `label` set.
+
+    min_annotators > 1 keeps only votes on story pairs that at least that many different
+    annotators judged (any verdict), a guard against one person's idiosyncrasies.
+    """
+    rows = votes.preference_rows(store.db, sources)
+    if min_annotators > 1:
+        rows = list(rows)
+        judges: dict[frozenset, set] = defaultdict(set)
+        for row in rows:
+            judges[frozenset((row["completion_a"], row["completion_b"]))].add(row["annotator_id"])
+        rows = [r for r in rows if len(judges[frozenset((r["completion_a"], r["completion_b"]))]) >= min_annotators]
+    for row in rows:
         decided = row["choice"] in ("a", "b")
         if not decided and not include_undecided:
             continue

@@ -32,7 +32,8 @@ no story pool; its parent is the base policy (None for MiniLM).
 
 params (all optional): base (policy id; default the first starter policy), backbone
 ("policy" | "minilm"), preset ("quick" | "full"), max_steps, learning_rate, batch_size
-(preference pairs per step), eval_fraction, min_pairs, max_length (tokens per text),
+(preference pairs per step), eval_fraction, min_pairs, min_annotators (only pairs judged by
+at least this many people), max_length (tokens per text),
 train_layers (top transformer blocks trained; -1 = all, 0 = head and final norm only).
 Explicit keys override the preset.
 """
@@ -112,6 +113,7 @@ class RewardParams:
     batch_size: int = 4
     eval_fraction: float = 0.2
     min_pairs: int = 8
+    min_annotators: int = 1
     max_length: int = 320
     train_layers: int = 2
     weak_labels: bool = False
@@ -135,6 +137,7 @@ class RewardParams:
             batch_size=check_whole("batch_size", values["batch_size"], 1, 1024),
             eval_fraction=check_real("eval_fraction", values.get("eval_fraction", 0.2), 0, 0.9, low_open=False),
             min_pairs=check_whole("min_pairs", values.get("min_pairs", 8), 2, 10_000_000),
+            min_annotators=check_whole("min_annotators", values.get("min_annotators", 1), 1, 1000),
             max_length=check_whole("max_length", values["max_length"], 16, 32_768),
             train_layers=check_whole("train_layers", values["train_layers"], -1, 10_000),
             weak_labels=bool(check_optional_bool("weak_labels", values.get("weak_labels", False))),
@@ -395,7 +398,9 @@ def train_reward(settings: Settings, params: dict, progress: JobProgress) -> Mod
     else:
         source, parent, label = str(minilm_dir()), None, "minilm"
 
-    train, held_out, snapshot = preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction)
+    train, held_out, snapshot = preference_data(
+        store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
+    )
     weak_pairs = weak_training_pairs(store, p.weak_threshold, p.weak_weight) if p.weak_labels else []
     if p.weak_labels and not weak_pairs:
         raise ValueError(

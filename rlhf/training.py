@@ -82,10 +82,11 @@ def split_by_hash(records: list[dict], eval_fraction: float, key: str = "vote_id
 
 
 def preference_data(
-    store: Store, min_pairs: int = 2, eval_fraction: float = 0.2, sources: tuple[str, ...] = ("human",)
+    store: Store, min_pairs: int = 2, eval_fraction: float = 0.2, sources: tuple[str, ...] = ("human",),
+    min_annotators: int = 1,
 ) -> tuple[list[dict], list[dict], dict]:
     """Train and held-out preference records plus a snapshot (hash, count) for lineage."""
-    records = list(preference_records(store, sources=sources))
+    records = list(preference_records(store, sources=sources, min_annotators=min_annotators))
     if len(records) < min_pairs:
         raise ValueError(f"Training needs at least {min_pairs} decided votes; there are {len(records)}.")
     train, evaluation = split_by_hash(records, eval_fraction)

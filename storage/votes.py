@@ -146,7 +146,7 @@ def preference_rows(db: Database, sources: tuple[str, ...] = ("human",)) -> Iter
     marks = ", ".join("?" for _ in sources)
     yield from db.query(
         "SELECT v.id, v.choice, v.source, v.confidence, v.annotator_id, v.rationale,"
-        " p.text AS prompt, ca.text AS text_a, cb.text AS text_b,"
+        " v.completion_a, v.completion_b, p.text AS prompt, ca.text AS text_a, cb.text AS text_b,"
         " v.model_a, v.model_b"
         " FROM votes v JOIN prompts p ON p.id = v.prompt_id"
         " JOIN completions ca ON ca.id = v.completion_a"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rlhf.export import preference_records
 from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
 from rlhf.training import (
     FULL_LEARNING_RATE,
@@ -13,8 +16,10 @@ from rlhf.training import (
     job_result,
     lora_and_rate,
     lora_config,
+    preference_data,
 )
-from storage import jobs, models
+from storage import annotators, completions, jobs, models, prompts, votes
+from storage.votes import ShownPair
 
 
 def tiny_gpt2():
@@ -103,8 +108,36 @@ def test_train_form_passes_a_base_only_to_kinds_that_start_from_a_policy():
 
     assert job_params("dpo", "3", "quick", 5, '{"beta": 0.2}', None) == {
         "beta": 0.2, "preset": "quick", "base": 3, "max_steps": 5}
-    assert job_params("weak", 3, "quick", None, "", None) == {"preset": "quick"}
+    assert job_params("weak", 3, "quick", None, "", None, 2) == {"preset": "quick"}
+    assert job_params("dph", 3, "quick", None, "", None, 2) == {"preset": "quick", "base": 3, "min_annotators": 2}
     assert job_params("pretrain", 3, "quick", None, "{}", "/tmp/c.txt") == {
         "preset": "quick", "corpus": {"file": "/tmp/c.txt"}}
     with pytest.raises(ValueError, match="Extra parameters must be a JSON object"):
         job_params("dpo", 3, "quick", None, "[1]", None)
+
+
+def test_min_annotators_keeps_only_pairs_judged_by_enough_people(store):
+    db = store.db
+    writer = models.add_model(db, "writer", "local", path="/a")
+    rival = models.add_model(db, "rival", "local", path="/b")
+    prompts.add_prompts(db, ["One.", "Two."], source="user")
+    pair_ids = []
+    for prompt_id in (1, 2):
+        a = completions.add_completion(db, prompt_id, writer.id, f"good {prompt_id}")
+        b = completions.add_completion(db, prompt_id, rival.id, f"bad {prompt_id}")
+        pair_ids.append((prompt_id, a, b))
+    people = [annotators.sign_in(db, f"person-{i}", "annotator")["id"] for i in range(3)]
+    judged_by = {1: people, 2: people[:1]}  # prompt 1's pair: three people; prompt 2's: one
+    for prompt_id, a, b in pair_ids:
+        for n, person in enumerate(judged_by[prompt_id]):
+            choice = "tie" if n == 2 else "a"  # a tie still counts as judging the pair
+            votes.record_vote(db, ShownPair(prompt_id, a, b, writer.id, rival.id, time.time()),
+                              annotator_id=person, choice=choice, client_key=f"{prompt_id}-{n}")
+    everyone = list(preference_records(store))
+    assert len(everyone) == 3
+    kept = list(preference_records(store, min_annotators=3))
+    assert [r["prompt"] for r in kept] == ["One.", "One."]
+    train, held_out, snapshot = preference_data(store, min_pairs=2, min_annotators=3)
+    assert snapshot["votes_used"] == 2 and len(train) + len(held_out) == 2
+    with pytest.raises(ValueError, match="at least 2 decided votes; there are 0"):
+        preference_data(store, min_pairs=2, min_annotators=4)

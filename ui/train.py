@@ -27,6 +27,8 @@ KIND_HELP = {
     "dph": "Direct Preference Head: a scalar head on the base policy's last hidden state (LM untouched in the default mode head). Registers a best-of-k policy and the head as a reward model; extra e.g. {\"best_of\": 4, \"objective\": \"separable\", \"mode\": \"lora\", \"w_dpo\": 0.5}.",
     "weak": "Weak labels: labeling functions and a Snorkel label model label the pool's unvoted pairs (source weak, never on the leaderboard); Max steps: label-model epochs; extra e.g. {\"threshold\": 0.8}. Then train a reward model with {\"weak_labels\": true}.",
 }
+# Kinds that learn from the votes, where the form's data filter applies.
+PREFERENCE_KINDS = ("reward", "dpo", "dph")
 # Kinds that start from no policy: a base picked in the form is not passed to them.
 KINDS_WITHOUT_BASE = ("pretrain", "weak")
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
@@ -38,7 +40,10 @@ def _model_choices(store: Store) -> list[tuple[str, int]]:
     return [(f"#{m.id} {m.name} ({m.kind})", m.id) for m in models.list_models(store.db)]
 
 
-def job_params(kind: str, base: int | None, preset: str, max_steps: float | None, extra: str, corpus: str | None) -> dict:
+def job_params(
+    kind: str, base: int | None, preset: str, max_steps: float | None, extra: str, corpus: str | None,
+    min_annotators: float | None = None,
+) -> dict:
     """The job's parameters from the form (check_training_params validates them)."""
     if kind not in TRAINING_KINDS:
         raise ValueError(f"Choose what to train: {', '.join(TRAINING_KINDS)}.")
@@ -51,6 +56,8 @@ def job_params(kind: str, base: int | None, preset: str, max_steps: float | None
             raise ValueError(f"Base must be a model id, got {base!r}.") from None
     if max_steps:
         params["max_steps"] = int(max_steps)
+    if min_annotators and min_annotators > 1 and kind in PREFERENCE_KINDS:
+        params["min_annotators"] = int(min_annotators)
     if kind == "pretrain" and corpus:
         params.setdefault("corpus", {"file": corpus})
     return params
@@ -114,17 +121,21 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
         base = gr.Dropdown(label="Base policy / model", choices=_model_choices(store), allow_custom_value=True)
         preset = gr.Radio(["quick", "full"], value="quick", label="Budget (quick: under 10 minutes on 2 CPU cores for the starter)")
         max_steps = gr.Number(label="Max steps (empty: from the budget)", precision=0)
+        min_annotators = gr.Number(
+            label="Data filter for reward, DPO and DPH: only story pairs judged by at least this many annotators",
+            value=1, precision=0, minimum=1, maximum=1000,
+        )
         extra = gr.Textbox(label="Extra parameters (JSON)", value="{}", max_length=2000,
                            placeholder='e.g. {"loss_type": "ipo", "beta": 0.1} or {"reward_model": 3}')
         corpus = gr.File(label="Corpus for pretrain (.txt or .jsonl)", file_types=list(UPLOAD_SUFFIXES), type="filepath")
         launch = gr.Button("Queue training job", variant="primary")
         launched = gr.Markdown()
 
-    def launch_job(who, kind_value, base_value, preset_value, steps, extra_text, upload):
+    def launch_job(who, kind_value, base_value, preset_value, steps, extra_text, upload, judges):
         who = require_researcher(who)
         try:
             corpus_path = save_upload(settings, upload) if kind_value == "pretrain" else None
-            params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path)
+            params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path, judges)
             check_training_params(store, kind_value, params)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
@@ -132,7 +143,9 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
         return f"Queued job **{job_id}** ({html.escape(kind_value)}). Follow it in the Jobs tab."
 
     kind.change(lambda k: KIND_HELP.get(k, ""), kind, kind_help, api_visibility="private")
-    launch.click(launch_job, [session, kind, base, preset, max_steps, extra, corpus], launched, api_name="train")
+    launch.click(
+        launch_job, [session, kind, base, preset, max_steps, extra, corpus, min_annotators], launched, api_name="train",
+    )
     return (lambda: gr.Dropdown(choices=_model_choices(store))), base, tools
 
 
