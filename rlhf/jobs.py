@@ -38,15 +38,16 @@ def _prepare_job(settings: Settings, params: dict, progress) -> None:
 
 
 def _generate_job(settings: Settings, params: dict, progress) -> None:
-    """Write the missing stories, then score them with the newest reward model (if any),
-    so the votes on them record its prediction."""
+    """Write the missing stories and score each batch with the newest reward model (if
+    any) as soon as it is stored, so the first votes on them already record its prediction."""
     from rlhf.pool import fill_pool
     from rlhf.reward import score_new_completions
 
     store = settings.store()
-    fill_pool(store, settings, params["model_ids"], params.get("prompts"), progress)
-    for model_id in params["model_ids"]:
-        score_new_completions(store, settings, model_id, progress=lambda _, message: progress(1.0, message))
+    fill_pool(
+        store, settings, params["model_ids"], params.get("prompts"), progress,
+        after_batch=lambda model_id: score_new_completions(store, settings, model_id),
+    )
 
 
 BUILTIN_KINDS: dict[str, JobFunction] = {"prepare": _prepare_job, "generate": _generate_job}

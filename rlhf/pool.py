@@ -20,9 +20,10 @@ Progress = Callable[[float, str], None]
 
 def fill_pool(
     store: Store, settings: Settings, model_ids: Sequence[int], prompt_limit: int | None,
-    progress: Progress, seed: int | None = None,
+    progress: Progress, seed: int | None = None, after_batch: Callable[[int], object] | None = None,
 ) -> int:
-    """Generate the missing stories of `model_ids` among the first `prompt_limit` prompts."""
+    """Generate the missing stories of `model_ids` among the first `prompt_limit` prompts;
+    `after_batch(policy_id)` runs once each batch of a policy's stories is stored."""
     db = store.db
     policies = [models.get_model(db, i) for i in model_ids]
     todo = {
@@ -58,6 +59,8 @@ def fill_pool(
                     db, pid, policy.id, story.text[: settings.max_story_chars],
                     gen_params, story.tokens, story.ms,
                 )
+            if after_batch is not None:
+                after_batch(policy.id)
             done += len(wanted)
             progress(done / total, f"{done}/{total} stories written ({policy.name})")
     return done

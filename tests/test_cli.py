@@ -150,10 +150,6 @@ def test_generate_writes_stories_for_a_new_policy(arena_dir):
     assert (job["kind"], job["status"], job["params"]["model_ids"]) == ("generate", "succeeded", [new.id])
 
 
-# Known bug (reported): fill_pool(prompt_limit=N) asks storage for "the first N prompts this
-# policy has NO story for" instead of "the missing stories among the first N prompts", so with
-# a full pool of N a second prepare() writes N more stories per policy (prompts N+1..2N).
-
 def test_prepare_again_adds_nothing(arena_dir):
     settings, store = arena_dir
     before = _snapshot(store)

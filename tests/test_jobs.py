@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.jobs import JobWorker
+from rlhf.pool import fill_pool
 from storage import completions, models
 from storage import jobs as job_rows
 from tests.app_server import wait_for
@@ -154,3 +156,20 @@ def test_recover_ends_a_stray_job_process(arena_dir, worker_env):
         if stray.poll() is None:
             stray.kill()
             stray.wait()
+
+
+def test_each_stored_batch_is_handed_on_at_once(arena_dir):
+    """The generate job scores each batch as it lands (after_batch), not after the pool."""
+    settings, store = arena_dir
+    policy = models.get_model_by_name(store.db, "tiny-t0.7")
+
+    def stored() -> int:
+        return store.db.execute("SELECT count(*) FROM completions WHERE model_id = ?", [policy.id]).fetchone()[0]
+
+    before = stored()
+    seen = []
+    small_batches = dataclasses.replace(settings, generation_batch_size=2, max_new_tokens=8)
+    written = fill_pool(store, small_batches, [policy.id], settings.pool_prompts + 4, lambda f, m: None,
+                        after_batch=lambda model_id: seen.append((model_id, stored())))
+    assert written == 4
+    assert seen == [(policy.id, before + 2), (policy.id, before + 4)]
