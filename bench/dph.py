@@ -42,9 +42,10 @@ from pathlib import Path
 
 import torch
 
+from bench.hh_rlhf import read_pairs
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dfki_hh-rlhf_train_sample_1pct.jsonl"
-TURN = "\n\nAssistant:"
 
 
 class StepTimer:
@@ -70,27 +71,11 @@ class StepTimer:
         return statistics.median(self.durations[1:] or self.durations)
 
 
-def split_dialogue(chosen: str, rejected: str) -> dict | None:
-    """prompt / chosen / rejected from two HH-RLHF dialogues that differ in the last answer."""
-    cut = chosen.rfind(TURN)
-    if cut < 0 or not rejected.startswith(chosen[: cut + len(TURN)]):
-        return None
-    prompt = chosen[:cut].strip()
-    answers = chosen[cut + len(TURN):].strip(), rejected[cut + len(TURN):].strip()
-    if not prompt or not all(answers) or answers[0] == answers[1]:
-        return None
-    return {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]}
-
-
 def load_pairs(path: Path, tokenizer, max_length: int, n_train: int, n_eval: int, seed: int):
     from rlhf.dph import encode_pair
 
     pairs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        pair = split_dialogue(record["chosen"], record["rejected"])
-        if pair is None:
-            continue
+    for pair in read_pairs(path):
         longest = max(len(encode_pair(tokenizer, pair["prompt"], pair[k], 1_000_000)[0]) for k in ("chosen", "rejected"))
         if longest <= max_length:
             pairs.append(pair)

@@ -10,6 +10,7 @@ each bench's own JSON under `benches`, its headline ratios under `headlines`, it
 seconds, and the error of any bench that failed (the exit status is then 1).
 
 Benches run here (BENCHES below):
+  first_start bench/first_start.py seconds from an empty data dir to the first votable pair
   storage     bench/storage.py     vote writes and pair selection as the votes table grows
   voting      bench/voting.py      the voting path under concurrent annotators, against Gradio's floor
   generation  bench/generation.py  batched story generation against one prompt at a time
@@ -53,11 +54,16 @@ def _voting_headline(report: dict) -> dict:
     return {str(row["annotators"]): row["app_over_floor"] for row in report["table"]} | {"errors": report["errors"]}
 
 
+def _first_start_headline(report: dict) -> dict:
+    return {k: report[k] for k in ("starter", "page_answers_s", "first_votable_pair_s")}
+
+
 def _generation_headline(report: dict) -> dict:
     return {"speedup_vs_batch_1": report["speedup_vs_batch_1"]}
 
 
 BENCHES = {
+    "first_start": Bench("bench.first_start", ("--starter", "tiny"), (), _first_start_headline),
     "storage": Bench(
         "bench.storage", ("--sizes", "1000,10000", "--ops", "100", "--rounds", "2"), (), _storage_headline,
     ),

@@ -37,7 +37,6 @@ Prints one JSON document and writes docs/weak_supervision.png.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import shutil
@@ -48,48 +47,27 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from rlhf.export import preference_records  # noqa: E402
-from rlhf.weak import (  # noqa: E402
+from bench.hh_rlhf import read_pairs
+from rlhf.export import preference_records
+from rlhf.weak import (
     ABSTAIN, LF_NAMES, PREFER_A, WeakParams, label_matrix, label_pool, store_weak_labels, weak_training_pairs,
 )
-from storage import completions, models, prompts, votes  # noqa: E402
-from storage.db import Store  # noqa: E402
-from storage.votes import ShownPair  # noqa: E402
+from storage import completions, models, prompts, votes
+from storage.db import Store
+from storage.votes import ShownPair
+
+REPO = Path(__file__).resolve().parent.parent
 
 DATA = REPO.parent / "shared" / "data"
-ASSISTANT, HUMAN = "\n\nAssistant:", "\n\nHuman:"
-
-
-def split_dialogue(record: dict) -> tuple[str, str, str] | None:
-    """(last human turn, chosen answer, rejected answer), or None when the two dialogues
-    differ before the last answer or the answers are empty or equal."""
-    chosen, rejected = record["chosen"], record["rejected"]
-    cut = chosen.rfind(ASSISTANT)
-    if cut < 0:
-        return None
-    head = chosen[: cut + len(ASSISTANT)]
-    if not rejected.startswith(head):
-        return None
-    human = head[head.rfind(HUMAN) + len(HUMAN): cut].strip()
-    good, bad = chosen[len(head):].strip(), rejected[len(head):].strip()
-    if not human or not good or not bad or good == bad:
-        return None
-    return human, good, bad
 
 
 def load_pairs(path: Path) -> list[tuple[str, str, str]]:
     """Parsed pairs, one per distinct prompt (the arena keeps one story per prompt and policy)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        parsed = [split_dialogue(json.loads(line)) for line in lines if line.strip()]
     seen, pairs = set(), []
-    for pair in parsed:
-        if pair is not None and pair[0] not in seen:
-            seen.add(pair[0])
-            pairs.append(pair)
+    for pair in read_pairs(path):
+        if pair["last_turn"] not in seen:
+            seen.add(pair["last_turn"])
+            pairs.append((pair["last_turn"], pair["chosen"], pair["rejected"]))
     return pairs
 
 

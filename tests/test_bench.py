@@ -14,13 +14,17 @@ from tests.conftest import REPO_ROOT, clean_env
 
 def test_quick_run_prints_one_json_document_with_every_part():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--json", "--only", "storage,generation"],
-        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=180,
+        [sys.executable, "-m", "bench.run", "--quick", "--json", "--only", "first_start,storage,generation"],
+        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(done.stdout)
     assert document["quick"] is True and document["failed"] == {}
-    assert set(document["benches"]) == set(document["headlines"]) == {"storage", "generation"}
+    assert set(document["benches"]) == set(document["headlines"]) == {"first_start", "storage", "generation"}
+
+    first_start = document["headlines"]["first_start"]
+    assert first_start["starter"] == "tiny"
+    assert 0 < first_start["page_answers_s"] <= first_start["first_votable_pair_s"]
 
     storage = document["benches"]["storage"]
     assert [row["votes"] for row in storage["table"]] == [1000, 10000]

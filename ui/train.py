@@ -22,7 +22,7 @@ from ui.common import require_researcher
 KIND_HELP = {
     "reward": "Reward model on the human preferences (RewardTrainer). Base: the policy whose weights start it.",
     "dpo": "Direct Preference Optimization on the preferences (DPOTrainer; loss_type sigmoid, ipo or robust).",
-    "rloo": "RLHF with RLOO and a reward model: set reward_model in the extra parameters, e.g. {\"reward_model\": 3}. Quick: 24 steps (about 8 minutes of training for the starter on 2 free CPU cores).",
+    "rloo": "RLHF with RLOO and a reward model: set reward_model in the extra parameters, e.g. {\"reward_model\": 3}. Quick: 24 steps (about 8 minutes for the starter on 2 free CPU cores).",
     "pretrain": "BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
     "dph": "Direct Preference Head: a scalar head on the base policy's last hidden state (LM untouched in the default mode head). Registers a best-of-k policy and the head as a reward model; extra e.g. {\"best_of\": 4, \"objective\": \"separable\", \"mode\": \"lora\", \"w_dpo\": 0.5}.",
     "weak": "Weak labels: labeling functions and a Snorkel label model label the pool's unvoted pairs (source weak, never on the leaderboard); Max steps: label-model epochs; extra e.g. {\"threshold\": 0.8}. Then train a reward model with {\"weak_labels\": true}.",
