@@ -1,18 +1,18 @@
-# Story Arena as a Hugging Face Space (Docker SDK): non-root, port 7860, data in /data
-# when the Space has persistent storage (else ./data inside the container).
+# Story Arena as a Hugging Face Space (Docker SDK): a non-root user, port 7860, and every
+# file the app writes under /data (the Space's persistent storage when it is enabled;
+# without it /data lives in the container and is lost on restart).
 FROM python:3.11-slim
 
-RUN useradd --create-home --uid 1000 user
+RUN useradd --create-home --uid 1000 user && mkdir /data && chown user:user /data
 USER user
-ENV HOME=/home/user PATH=/home/user/.local/bin:$PATH PYTHONUNBUFFERED=1
+ENV HOME=/home/user PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/data/.huggingface
 WORKDIR /home/user/app
 
-COPY --chown=user requirements.txt requirements-starter.txt ./
-RUN pip install --no-cache-dir --user torch==2.13.0 \
- && pip install --no-cache-dir --user -r requirements.txt \
- && pip install --no-cache-dir --user --no-deps -r requirements-starter.txt
+# The same install steps as a local setup, from the same pinned files: install.sh.
+COPY --chown=user install.sh requirements.txt requirements-starter.txt ./
+RUN bash install.sh
 
 COPY --chown=user . .
 
 EXPOSE 7860
-CMD ["python", "app.py", "--host", "0.0.0.0", "--port", "7860"]
+CMD [".venv/bin/python", "app.py", "--host", "0.0.0.0", "--port", "7860"]

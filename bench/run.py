@@ -14,6 +14,11 @@ Benches run here (BENCHES below):
   storage     bench/storage.py     vote writes and pair selection as the votes table grows
   voting      bench/voting.py      the voting path under concurrent annotators, against Gradio's floor
   generation  bench/generation.py  batched story generation against one prompt at a time
+  closed_loop bench/closed_loop.py votes -> reward -> RLOO/DPO/DPH: each child's win rate over its parent
+  training_cost bench/training_cost.py seconds per training step and per 1k pairs, per kind
+  teams       bench/teams.py       TeaMs-RL instructor against random operations at equal query budgets
+  metric_agreement bench/metric_agreement.py automatic story metrics against HANNA's human ratings
+                (reads ../shared/data: fails where that folder is missing)
 
 Not run here: bench/dph.py and bench/weak_supervision.py have no quick mode yet (they read
 ../shared/data and train models for minutes); run them on their own.
@@ -62,6 +67,22 @@ def _generation_headline(report: dict) -> dict:
     return {"speedup_vs_batch_1": report["speedup_vs_batch_1"]}
 
 
+def _closed_loop_headline(report: dict) -> dict:
+    return {m: {"win_rate": r["win_rate"], "ci95": r["ci95"]} for m, r in report["methods"].items()}
+
+
+def _training_cost_headline(report: dict) -> dict:
+    return {k: row["step_over_reward"] for k, row in report["table"].items()}
+
+
+def _teams_headline(report: dict) -> dict:
+    return report["rl_over_random"]
+
+
+def _metric_agreement_headline(report: dict) -> dict:
+    return report["hanna"]["strongest"]
+
+
 BENCHES = {
     "first_start": Bench("bench.first_start", ("--starter", "tiny"), (), _first_start_headline),
     "storage": Bench(
@@ -77,6 +98,10 @@ BENCHES = {
         ("--model", "tiny", "--device", "cpu"),
         _generation_headline,
     ),
+    "closed_loop": Bench("bench.closed_loop", ("--quick",), (), _closed_loop_headline),
+    "training_cost": Bench("bench.training_cost", ("--quick",), (), _training_cost_headline),
+    "teams": Bench("bench.teams", ("--quick",), (), _teams_headline),
+    "metric_agreement": Bench("bench.metric_agreement", ("--quick",), (), _metric_agreement_headline),
 }
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from gradio_client import Client
 
 from rlhf.simulate import Annotator, Oracle, read_screen
-from tests.app_server import ROOT, START_TIMEOUT_S, free_port, responds, running_app, wait_for, wait_for_pool
+from tests.app_server import ABUSE_CONTROLS_OFF, ROOT, START_TIMEOUT_S, free_port, responds, running_app, wait_for, wait_for_pool
 
 # Two starter policies make one pair per prompt: an annotator can vote this many times at most.
 POOL_PROMPTS = 12
@@ -186,7 +186,7 @@ def run(sizes: list[int], votes: int, rounds: int, work_dir: Path, seed: int = 0
         raise ValueError(f"An annotator can vote at most {POOL_PROMPTS} times on this pool.")
     data_dir = work_dir / "data"
     started = time.perf_counter()
-    app_args = ("--starter", "tiny", "--pool-prompts", str(POOL_PROMPTS))
+    app_args = ("--starter", "tiny", "--pool-prompts", str(POOL_PROMPTS), *ABUSE_CONTROLS_OFF)
     with (running_app(data_dir, extra_args=app_args) as (app_url, _),
           floor_app(work_dir / "floor.log") as floor_url):
         wait_for_pool(data_dir)

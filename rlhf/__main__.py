@@ -73,6 +73,33 @@ def cmd_jobs(settings: Settings, args) -> dict:
     return {"jobs": job_rows.list_jobs(settings.store().db, limit=args.limit)}
 
 
+def cmd_gold(settings: Settings, args) -> dict:
+    from rlhf import quality
+    from storage import quality as quality_rows
+
+    store = settings.store()
+    if args.action == "add":
+        if args.prompt is None or not args.better or not args.worse:
+            raise ValueError("gold add needs --prompt, --better and --worse.")
+        gold_id = quality.add_gold_pair(store, args.prompt, args.better, args.worse)
+        return {"gold_pair": next(g for g in quality_rows.list_gold_pairs(store.db) if g["id"] == gold_id)}
+    return {"gold_pairs": quality_rows.list_gold_pairs(store.db)}
+
+
+def cmd_quality(settings: Settings, args) -> dict:
+    from rlhf import quality
+
+    store = settings.store()
+    result = {}
+    if args.exclude:
+        quality.set_excluded(store, args.exclude, excluded=True)
+    if args.include:
+        quality.set_excluded(store, args.include, excluded=False)
+    if args.exclude_below_threshold:
+        result["newly_excluded"] = quality.exclude_below_threshold(store, settings)
+    return {**result, "annotators": quality.report(store, settings)}
+
+
 def _parse_value(text: str):
     try:
         return json.loads(text)
@@ -81,14 +108,15 @@ def _parse_value(text: str):
 
 
 def train_params(args) -> dict:
-    """Job parameters from --base/--max-steps/--preset and repeated --set key=value."""
+    """Job parameters from --base/--max-steps/--preset/--budget and repeated --set key=value
+    (a kind that has no such parameter refuses it, naming it)."""
     params = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}.")
         params[key] = _parse_value(value)
-    for key in ("base", "max_steps", "preset"):
+    for key in ("base", "max_steps", "preset", "budget"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     return params
@@ -98,6 +126,24 @@ def cmd_train(settings: Settings, args) -> dict:
     job = jobs.run_inline(settings, args.kind, train_params(args))
     return {"job_id": job["id"], "kind": job["kind"], "status": job["status"], "error": job["error"],
             "model_id": job["result_model_id"], "metrics": job["metrics"]}
+
+
+def _hub_job(job: dict) -> dict:
+    return {"job_id": job["id"], "status": job["status"], "error": job["error"], **(job["metrics"] or {})}
+
+
+def cmd_publish(settings: Settings, args) -> dict:
+    from rlhf.hub import check_repo_id
+
+    repo = check_repo_id(args.repo or settings.hub_dataset, "--repo (or --hub-dataset)")
+    return _hub_job(jobs.run_inline(settings, "publish", {"repo": repo}))
+
+
+def cmd_push(settings: Settings, args) -> dict:
+    from rlhf.hub import check_repo_id
+
+    repo = check_repo_id(args.repo, "--repo")
+    return _hub_job(jobs.run_inline(settings, "push", {"model_id": args.model, "repo": repo}))
 
 
 def cmd_simulate(settings: Settings, args) -> dict:
@@ -132,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base", type=int, help="base policy (or reward model) id")
     train.add_argument("--max-steps", type=int, help="override the preset's step budget")
     train.add_argument("--preset", choices=["quick", "full"], help="step budget (default quick)")
+    train.add_argument("--budget", type=int, help="expert queries a teams job may spend (teams only)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other parameter (value parsed as JSON when it can be)")
     sim = command("simulate", cmd_simulate, "simulated annotators voting through a running app's HTTP API")
     sim.add_argument("--url", required=True, help="the app, e.g. http://127.0.0.1:7860/")
@@ -140,8 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--accuracy", type=float, default=0.9, help="chance of voting as the hidden oracle prefers")
     sim.add_argument("--position-bias", type=float, default=0.0, help="chance of picking A regardless")
     sim.add_argument("--seed", type=int, default=0)
+    publish = command("publish", cmd_publish, "publish the human preferences (TRL format) and a dataset card to a Hub dataset repo")
+    publish.add_argument("--repo", help="dataset repo owner/name (default --hub-dataset)")
+    push = command("push", cmd_push, "push a checkpoint and its model card (lineage, kind, data, metrics) to a Hub model repo")
+    push.add_argument("--model", type=int, required=True, help="policy id (see `models`)")
+    push.add_argument("--repo", required=True, help="model repo owner/name")
     job_list = command("jobs", cmd_jobs, "list background jobs")
     job_list.add_argument("--limit", type=int, default=50)
+    gold = command("gold", cmd_gold, "gold pairs (two stories of one prompt with a known answer) mixed into the arena")
+    gold.add_argument("action", choices=["add", "list"])
+    gold.add_argument("--prompt", type=int, help="prompt id (the Compare tab shows them as #id)")
+    gold.add_argument("--better", help="policy (name or id) whose story is the known better one")
+    gold.add_argument("--worse", help="policy (name or id) whose story is the known worse one")
+    quality = command("quality", cmd_quality, "per-annotator gold accuracy and agreement (Cohen's kappa); exclude annotators")
+    quality.add_argument("--exclude", metavar="NAME", help="leave this annotator's votes out of training data and the leaderboard")
+    quality.add_argument("--include", metavar="NAME", help="count this annotator's votes again")
+    quality.add_argument("--exclude-below-threshold", action="store_true", help="exclude everyone under --min-gold-accuracy with at least --min-gold-votes gold votes")
     return parser
 
 

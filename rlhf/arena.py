@@ -12,12 +12,15 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rlhf.pairing import draw_order, pair_weights
+from rlhf.quality import VoteRateLimiter
 from rlhf.settings import Settings
 from storage import annotators, completions, models, prompts, scores, votes
 from storage import jobs as job_rows
+from storage import quality as quality_rows
 from storage.db import Store
 from storage.votes import ShownPair
 
@@ -46,18 +49,42 @@ def sign_in(store: Store, settings: Settings, name: str, key: str = "") -> dict:
         raise ArenaError("Please enter a name to start voting.")
     if len(name) > settings.max_name_chars:
         raise ArenaError(f"Names are limited to {settings.max_name_chars} characters.")
+    if name.startswith("@"):
+        raise ArenaError("Names starting with @ are Hugging Face accounts: sign in with Hugging Face.")
     if not NAME_PATTERN.match(name):
         raise ArenaError("Names may use letters, digits, spaces and . @ - _ only.")
     role = settings.role_for(name)
     if role != "annotator" and settings.researcher_key is not None:
         if not hmac.compare_digest((key or "").encode(), settings.researcher_key.encode()):
             raise ArenaError("This name has the researcher role: enter the researcher key to sign in.")
+    elif role != "annotator" and settings.hub_oauth:
+        raise ArenaError("This name has the researcher role: sign in with Hugging Face.")
     return annotators.sign_in(store.db, name, role)
 
 
-def next_pair(store: Store, annotator_id: int, rng: random.Random | None = None) -> PairView | None:
-    """The most informative unseen pair for this annotator (see rlhf.pairing), or None."""
+def sign_in_hub(store: Store, settings: Settings, username: str) -> dict:
+    """A Hugging Face login (the username is verified by OAuth): the role comes from the
+    configured Hub-username lists, without the researcher key. Shown as "@username"."""
+    username = (username or "").strip()
+    if not username:
+        raise ArenaError("The Hugging Face login gave no username.")
+    return annotators.sign_in_hub(store.db, username, settings.role_for_hub(username))
+
+
+def next_pair(store: Store, annotator_id: int, rng: random.Random | None = None,
+              gold_rate: float = 0.0, prompt_sources: Sequence[str] | None = None) -> PairView | None:
+    """The most informative unseen pair for this annotator (see rlhf.pairing), or None;
+    only on prompts of `prompt_sources` when given (Settings.pair_prompt_sources).
+
+    With probability gold_rate, an unseen gold pair (known answer) instead, if one is left.
+    """
     rng = rng or random.Random()
+    if gold_rate and rng.random() < gold_rate:
+        gold = quality_rows.unseen_gold_pair(store.db, annotator_id)
+        if gold is not None:
+            sides = [(gold["model_lo"], gold["completion_lo"]), (gold["model_hi"], gold["completion_hi"])]
+            rng.shuffle(sides)
+            return _view(store, gold["prompt_id"], sides[0], sides[1], gold["gold_id"])
     db = store.db
     sizes = completions.pool_sizes(db)
     policies = {m.id: m.parent_id for m in models.list_models(db, active_only=True) if sizes.get(m.id)}
@@ -65,7 +92,7 @@ def next_pair(store: Store, annotator_id: int, rng: random.Random | None = None)
         return None
     weights = pair_weights(policies, votes.policy_pair_stats(db))
     for model_x, model_y in draw_order(weights, rng):
-        found = votes.find_unseen_pair(db, annotator_id, model_x, model_y)
+        found = votes.find_unseen_pair(db, annotator_id, model_x, model_y, prompt_sources)
         if found is None:
             continue
         sides = [(model_x, found["completion_x"]), (model_y, found["completion_y"])]
@@ -74,11 +101,12 @@ def next_pair(store: Store, annotator_id: int, rng: random.Random | None = None)
     return None
 
 
-def _view(store: Store, prompt_id: int, side_a: tuple[int, int], side_b: tuple[int, int]) -> PairView:
+def _view(store: Store, prompt_id: int, side_a: tuple[int, int], side_b: tuple[int, int],
+          gold_id: int | None = None) -> PairView:
     db = store.db
     (model_a, completion_a), (model_b, completion_b) = side_a, side_b
     return PairView(
-        pair=ShownPair(prompt_id, completion_a, completion_b, model_a, model_b, time.time()),
+        pair=ShownPair(prompt_id, completion_a, completion_b, model_a, model_b, time.time(), gold_id),
         prompt=prompts.get_prompt(db, prompt_id)["text"],
         story_a=completions.get_completion(db, completion_a)["text"],
         story_b=completions.get_completion(db, completion_b)["text"],
@@ -91,19 +119,33 @@ def _view(store: Store, prompt_id: int, side_a: tuple[int, int], side_b: tuple[i
 def submit_vote(
     store: Store, settings: Settings, annotator_id: int, view: PairView, choice: str,
     rationale: str = "", client_key: str | None = None,
+    limiter: VoteRateLimiter | None = None, address: str | None = None,
 ) -> tuple[int, bool]:
-    """Record a vote on the pair shown; a repeated client key returns the first vote."""
+    """Record a vote on the pair shown; a repeated client key returns the first vote.
+
+    Refused, with nothing stored: a vote sooner than settings.min_vote_seconds after the pair
+    appeared (shown_at is the server's clock), and one over the limiter's rate limits for
+    this annotator or client address.
+    """
     if choice not in votes.CHOICES:
         raise ArenaError(f"Unknown choice {choice!r}.")
     rationale = (rationale or "").strip()
     if len(rationale) > settings.max_rationale_chars:
         raise ArenaError(f"The reason is limited to {settings.max_rationale_chars} characters.")
+    waited = time.time() - view.pair.shown_at
+    if waited < settings.min_vote_seconds:
+        raise ArenaError(f"Please read both stories first: votes count from {settings.min_vote_seconds:g} s "
+                         f"after the pair appears ({waited:.1f} s so far). Vote again in a moment.")
+    refusal = limiter.admit(annotator_id, address) if limiter else None
+    if refusal:
+        raise ArenaError(refusal)
     # The newest reward model's guess, stored with the vote: live agreement with people.
     predicted, predicted_by = scores.score_pair(store.db, view.pair.completion_a, view.pair.completion_b) or (None, None)
     return votes.record_vote(
         store.db, view.pair, annotator_id=annotator_id, choice=choice,
         client_key=client_key or view.client_key, rationale=rationale,
         predicted=predicted, predicted_by=predicted_by,
+        source="gold" if view.pair.gold_id is not None else "human",
     )
 
 
@@ -118,7 +160,7 @@ def undo_vote(store: Store, settings: Settings, annotator_id: int, vote_id: int)
         return None
     return _view(
         store, vote["prompt_id"],
-        (vote["model_a"], vote["completion_a"]), (vote["model_b"], vote["completion_b"]),
+        (vote["model_a"], vote["completion_a"]), (vote["model_b"], vote["completion_b"]), vote["gold_id"],
     )
 
 

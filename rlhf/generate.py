@@ -9,7 +9,7 @@ database; callers store the Story results.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -122,15 +122,17 @@ def generate_stories(
     decoding: Decoding,
     batch_size: int = 8,
     seed: int | None = None,
+    formatter: Callable[[object, str], str] = format_prompt,
 ) -> list[Story]:
     """Sample one story per prompt, in order; the same seed gives the same stories.
 
     The tokenizer must pad on the left (load_causal_lm sets this up). Seeding forks the
-    RNG, so the caller's random state is left untouched.
+    RNG, so the caller's random state is left untouched. `formatter` wraps each prompt for
+    the model; callers that ask for something other than a story (rlhf.teams) bring their own.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    texts = [format_prompt(tokenizer, p) for p in prompts]
+    texts = [formatter(tokenizer, p) for p in prompts]
     eos_ids = _eos_ids(model, tokenizer)
     devices = [model.device] if model.device.type == "cuda" else []
     stories: list[Story] = []

@@ -28,29 +28,55 @@ from storage.db import Store
 from storage.models import ModelRecord
 
 CANCEL_GRACE_S = 5.0
-JobFunction = Callable[[Settings, dict, Callable[[float, str], None]], ModelRecord | None]
+# A job returns the model it made, a dict of results (stored as the job's metrics), or None.
+JobFunction = Callable[[Settings, dict, Callable[[float, str], None]], ModelRecord | dict | None]
 
 
 def _prepare_job(settings: Settings, params: dict, progress) -> None:
+    from rlhf.metrics import measure_new_stories, measure_policies
     from rlhf.prepare import prepare
 
-    prepare(settings.store(), settings, progress)
+    store = settings.store()
+    policies = prepare(store, settings, progress)
+    measure_new_stories(store)
+    measure_policies(store, settings, [p.id for p in policies])
 
 
 def _generate_job(settings: Settings, params: dict, progress) -> None:
     """Write the missing stories and score each batch with the newest reward model (if
-    any) as soon as it is stored, so the first votes on them already record its prediction."""
+    any) as soon as it is stored, so the first votes on them already record its prediction;
+    each batch also gets its automatic metrics, and each policy its perplexity at the end."""
+    from rlhf.metrics import measure_new_stories, measure_policies
     from rlhf.pool import fill_pool
     from rlhf.reward import score_new_completions
 
     store = settings.store()
-    fill_pool(
-        store, settings, params["model_ids"], params.get("prompts"), progress,
-        after_batch=lambda model_id: score_new_completions(store, settings, model_id),
-    )
+
+    def after_batch(model_id: int) -> None:
+        score_new_completions(store, settings, model_id)
+        measure_new_stories(store, model_id)
+
+    fill_pool(store, settings, params["model_ids"], params.get("prompts"), progress, after_batch=after_batch)
+    measure_policies(store, settings, params["model_ids"])
 
 
-BUILTIN_KINDS: dict[str, JobFunction] = {"prepare": _prepare_job, "generate": _generate_job}
+def _publish_job(settings: Settings, params: dict, progress) -> dict:
+    from rlhf.hub import publish_preferences
+
+    return publish_preferences(settings.store(), settings, params.get("repo") or settings.hub_dataset,
+                               progress=progress)
+
+
+def _push_job(settings: Settings, params: dict, progress) -> dict:
+    from rlhf.hub import push_model
+
+    return push_model(settings.store(), settings, params["model_id"], params["repo"], progress=progress)
+
+
+# Hub uploads are jobs too: a slow or failing upload never holds up a vote.
+BUILTIN_KINDS: dict[str, JobFunction] = {
+    "prepare": _prepare_job, "generate": _generate_job, "publish": _publish_job, "push": _push_job,
+}
 # Training kinds: module, entry point and parameter class, imported only when needed.
 TRAINING_KINDS: dict[str, tuple[str, str, str]] = {
     "reward": ("rlhf.reward", "train_reward", "RewardParams"),
@@ -59,6 +85,7 @@ TRAINING_KINDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("rlhf.pretrain", "train_pretrain", "PretrainParams"),
     "dph": ("rlhf.dph", "train_dph", "DPHParams"),
     "weak": ("rlhf.weak", "train_weak", "WeakParams"),
+    "teams": ("rlhf.teams", "train_teams", "TeamsParams"),
 }
 
 
@@ -84,6 +111,8 @@ def check_training_params(store: Store, kind: str, params: dict) -> None:
         chosen_model(store, checked.base, "base policy")
     if getattr(checked, "reward_model", None) is not None:
         chosen_model(store, checked.reward_model, "reward model", reward=True)
+    if getattr(checked, "expert", None) is not None:  # the teams job's prompt-rewriting policy
+        chosen_model(store, checked.expert, "expert policy")
 
 
 def log_path(settings: Settings, job_id: int) -> Path:
@@ -104,10 +133,11 @@ def execute(settings: Settings, job_id: int) -> dict:
         traceback.print_exc()
         job_rows.finish_job(db, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
     else:
+        model = result if isinstance(result, ModelRecord) else None
         job_rows.finish_job(
             db, job_id, "succeeded",
-            result_model_id=result.id if result else None,
-            metrics=result.metrics if result else None,
+            result_model_id=model.id if model else None,
+            metrics=model.metrics if model else result,
         )
     return job_rows.get_job(db, job_id)
 
@@ -140,6 +170,9 @@ class JobWorker:
         self._proc: subprocess.Popen | None = None
         self._job_id: int | None = None
         self._term_sent_at: float | None = None
+        from rlhf.hub import PublishSchedule
+
+        self._publish_schedule = PublishSchedule(settings)
 
     def start(self) -> "JobWorker":
         self.recover()
@@ -168,7 +201,9 @@ class JobWorker:
             sys.executable, "-m", "rlhf.jobs", "run", str(job["id"]),
             "--data-dir", str(self.settings.data_dir), "--starter", self.settings.starter,
             "--device", self.settings.device,
+            *(["--hub-dataset", self.settings.hub_dataset] if self.settings.hub_dataset else []),
             *(["--pool-prompts", str(self.settings.pool_prompts)] if self.settings.pool_prompts else []),
+            *(["--metrics-corpus", str(self.settings.metrics_corpus)] if self.settings.metrics_corpus else []),
         ]
         db = Store(self.settings.db_path).db
         try:
@@ -203,9 +238,11 @@ class JobWorker:
         self._proc = self._job_id = None
 
     def _loop(self) -> None:
-        db = Store(self.settings.db_path).db
+        store = Store(self.settings.db_path)
+        db = store.db
         while not self._stop.is_set():
             try:
+                self._publish_schedule.tick(store)
                 if self._proc is None:
                     job = job_rows.claim_next_job(db)
                     if job is not None:

@@ -1,16 +1,19 @@
 """Fills the completion pool: every active policy gets a story for each prompt.
 
 Prompts go in batches, and each batch is written for every policy before the next one,
-so the first votable pair exists after one batch rather than after a whole pool.
+so the first votable pair exists after one batch rather than after a whole pool. A policy
+whose checkpoint no longer loads (deleted, corrupt) is skipped with a warning so the
+others still get their stories; only when no policy loads does the job fail.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 from rlhf.dph import best_of, best_of_k, head_scorer
 from rlhf.generate import Decoding, generate_stories
-from rlhf.models import load_causal_lm, resolve_device
+from rlhf.models import ModelLoadError, load_causal_lm, resolve_device
 from rlhf.settings import Settings
 from storage import completions, models
 from storage.db import Store
@@ -37,14 +40,22 @@ def fill_pool(
     prompt_ids = sorted(set().union(*todo.values()))
     device = resolve_device(settings.device)
     done = 0
+    skipped: dict[str, str] = {}
     step = settings.generation_batch_size
     for start in range(0, len(prompt_ids), step):
         batch = prompt_ids[start:start + step]
         for policy in policies:
             wanted = [pid for pid in batch if pid in todo[policy.id]]
-            if not wanted:
+            if not wanted or policy.name in skipped:
                 continue
-            model, tokenizer = load_causal_lm(policy.source, device, settings.hub_token)
+            try:
+                model, tokenizer = load_causal_lm(policy.source, device, settings.hub_token)
+            except ModelLoadError as exc:
+                skipped[policy.name] = str(exc)
+                print(f"warning: skipping policy {policy.name}: {exc}", file=sys.stderr, flush=True)
+                if len(skipped) == len(policies):
+                    raise ModelLoadError(f"No policy could be loaded: {'; '.join(skipped.values())}") from exc
+                continue
             decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **policy.decoding})
             texts, batch_seed = [todo[policy.id][pid] for pid in wanted], None if seed is None else seed + start
             k = best_of(policy.source)  # a DPH policy keeps the best of k samples by its head
@@ -63,4 +74,6 @@ def fill_pool(
                 after_batch(policy.id)
             done += len(wanted)
             progress(done / total, f"{done}/{total} stories written ({policy.name})")
+    if skipped:
+        progress(1.0, f"{done} stories written; skipped {', '.join(skipped)} (checkpoint does not load)")
     return done

@@ -152,7 +152,7 @@ def _check_corpus(corpus) -> dict:
     if source == "file":
         if not isinstance(value, str | Path) or not str(value).strip():
             raise ValueError(f"corpus file must be a path, got {value!r}.")
-        _check_file(Path(value).expanduser())
+        _file_corpus(Path(value).expanduser())  # parsed now, so a malformed upload is never queued
     elif source == "hub":
         for key in ("hub", "split", "text_field"):
             text = corpus.get(key, "x")

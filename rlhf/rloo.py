@@ -3,7 +3,8 @@
 TRL 1.16's RLOOTrainer samples `num_generations` stories for each of `prompts_per_step`
 prompts per step, scores them with the arena's reward model (rlhf.reward), subtracts a KL
 penalty `beta` against the base policy, and uses the leave-one-out mean of the other
-stories of the same prompt as the baseline. Prompts come from the prompts table and are
+stories of the same prompt as the baseline. Prompts come from the prompts table
+(`prompt_source`: the seed prompts, all, or only those evolved by the teams job) and are
 wrapped for the base model the way generation wraps them (chat messages with the
 storyteller system prompt for chat-template models, the plain "Story:" cue otherwise).
 
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict] = {
     "quick": {"max_steps": 24, "prompts_per_step": 2},
     "full": {"max_steps": 400, "prompts_per_step": 4},
 }
-PROMPT_SOURCES = ("seed", "all")
+PROMPT_SOURCES = ("seed", "all", "teams")  # teams: the prompts evolved by rlhf.teams
 HELD_OUT_PROMPTS = 8
 EVAL_SAMPLES_PER_PROMPT = 2
 EVAL_SEED = 20240501
@@ -226,7 +227,7 @@ def _prompt_split(store: Store, source: str) -> tuple[list[str], list[str]]:
     """
     rows = prompt_rows.list_prompts(store.db)
     seed = [r["text"] for r in rows if r["source"] == "seed"]
-    pool = [r["text"] for r in rows if source == "all" or r["source"] == "seed"]
+    pool = [r["text"] for r in rows if source in ("all", r["source"])]
     candidates = seed or pool
     n_eval = min(HELD_OUT_PROMPTS, len(candidates) // 4)
     held_out = sorted(candidates, key=lambda t: hashlib.sha256(t.encode()).hexdigest())[:n_eval] if n_eval else []

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.db import Store
+from storage.prompts import SOURCES as PROMPT_SOURCES
 
 SPACE_DATA_DIR = Path("/data")
 STARTERS = ("smollm2", "tiny")
@@ -24,7 +25,24 @@ ENV_VARS = {
     "starter": "STORY_ARENA_STARTER",
     "device": "STORY_ARENA_DEVICE",
     "hub_token": "HF_TOKEN",
+    "metrics_corpus": "STORY_ARENA_METRICS_CORPUS",
+    "admins": "STORY_ARENA_ADMINS",
+    "hub_dataset": "STORY_ARENA_HUB_DATASET",
+    "hub_publish_minutes": "STORY_ARENA_HUB_PUBLISH_MINUTES",
 }
+# Set by Hugging Face on a Space with `hf_oauth: true` (plus SYSTEM=spaces on every Space);
+# without them there is no Hub login: off a Space Gradio would mock it with a Hub call.
+OAUTH_ENV_VARS = ("OAUTH_CLIENT_ID", "OAUTH_CLIENT_SECRET", "OPENID_PROVIDER_URL", "SPACE_ID")
+# Abuse controls and annotator quality (rlhf.quality): setting -> (type, lowest, highest, help).
+QUALITY_FLAGS = {
+    "min_vote_seconds": (float, 0.0, 3600.0, "a vote sooner than this after its pair appeared is refused; 0 = off"),
+    "annotator_votes_per_minute": (int, 0, 100_000, "votes one annotator may cast in any 60 s; 0 = no limit"),
+    "ip_votes_per_minute": (int, 0, 1_000_000, "votes one client address may cast in any 60 s; 0 = no limit"),
+    "gold_rate": (float, 0.0, 1.0, "share of pairs served as gold pairs (known answer) while unseen ones are left"),
+    "min_gold_accuracy": (float, 0.0, 1.0, "annotators below this gold accuracy are flagged for exclusion"),
+    "min_gold_votes": (int, 1, 100_000, "gold votes needed before an annotator can be flagged"),
+}
+ENV_VARS.update({name: f"STORY_ARENA_{name.upper()}" for name in QUALITY_FLAGS})
 
 
 @dataclass(frozen=True)
@@ -37,7 +55,12 @@ class Settings:
     researchers: frozenset[str] = frozenset()
     researcher_key: str | None = field(default=None, repr=False)
     hub_token: str | None = field(default=None, repr=False)
+    admins: frozenset[str] = frozenset()
+    hub_dataset: str | None = None
+    hub_publish_minutes: float = 0.0
+    hub_oauth: bool = False
     pool_prompts: int | None = None
+    pair_prompt_sources: tuple[str, ...] | None = None  # prompt sources pairs are drawn from; None: all
     generation_batch_size: int = 8
     max_new_tokens: int = 200
     undo_window_s: float = 30.0
@@ -45,6 +68,13 @@ class Settings:
     max_rationale_chars: int = 1000
     max_prompt_chars: int = 500
     max_story_chars: int = 8000
+    min_vote_seconds: float = 2.0
+    annotator_votes_per_minute: int = 30
+    ip_votes_per_minute: int = 120
+    gold_rate: float = 0.1
+    min_gold_accuracy: float = 0.7
+    min_gold_votes: int = 5
+    metrics_corpus: Path | None = None  # stories (.txt or .jsonl) for each policy's held-out perplexity
 
     @property
     def db_path(self) -> Path:
@@ -68,6 +98,10 @@ class Settings:
     def role_for(self, name: str) -> str:
         return "researcher" if name in self.researchers else "annotator"
 
+    def role_for_hub(self, username: str) -> str:
+        """A Hub login is verified by OAuth, so the lists alone decide its role (no key)."""
+        return "admin" if username in self.admins else self.role_for(username)
+
 
 def default_data_dir() -> Path:
     """./data locally; /data on a Hugging Face Space with persistent storage."""
@@ -81,6 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--researchers", help=f"comma-separated annotator names with the researcher role (env {ENV_VARS['researchers']})")
     parser.add_argument("--device", help=f"auto, cpu or cuda (env {ENV_VARS['device']})")
     parser.add_argument("--pool-prompts", type=int, help="how many prompts each starter policy pre-generates (default: all)")
+    parser.add_argument("--pair-prompt-sources", help=f"comma-separated prompt sources the arena draws pairs from, of {', '.join(PROMPT_SOURCES)} (default: all)")
+    for name, (kind, _, _, text) in QUALITY_FLAGS.items():
+        default = Settings.__dataclass_fields__[name].default
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (env {ENV_VARS[name]}; default {default})")
+    parser.add_argument("--metrics-corpus", type=Path, help=f"story corpus (.txt or .jsonl) for each policy's held-out perplexity on the Metrics tab; none: not measured (env {ENV_VARS['metrics_corpus']})")
+    parser.add_argument("--admins", help=f"comma-separated Hugging Face usernames with the admin role when signed in with Hugging Face (env {ENV_VARS['admins']})")
+    parser.add_argument("--hub-dataset", help=f"Hub dataset repo (owner/name) the preferences are published to (env {ENV_VARS['hub_dataset']})")
+    parser.add_argument("--hub-publish-minutes", type=float, help=f"publish the preferences every N minutes; 0 = only on demand (env {ENV_VARS['hub_publish_minutes']})")
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -89,20 +131,73 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         return value if value is not None else environ.get(ENV_VARS.get(name, ""), default)
 
     researchers = pick("researchers", "") or ""
+    hub_dataset = pick("hub_dataset") or None
+    try:
+        hub_publish_minutes = float(pick("hub_publish_minutes", 0) or 0)
+    except ValueError:
+        raise ValueError("--hub-publish-minutes must be a number of minutes.") from None
+    if hub_publish_minutes < 0:
+        raise ValueError("--hub-publish-minutes must be 0 (only on demand) or more.")
+    if hub_publish_minutes and not hub_dataset:
+        raise ValueError("--hub-publish-minutes needs --hub-dataset (the repo to publish to).")
     starter = pick("starter", "smollm2")
     if starter not in STARTERS:
         raise ValueError(f"Unknown starter {starter!r}; expected one of {', '.join(STARTERS)}.")
     pool_prompts = getattr(args, "pool_prompts", None)
     if pool_prompts is not None and pool_prompts < 1:
         raise ValueError("--pool-prompts must be at least 1.")
+    pair_prompt_sources = _prompt_sources(getattr(args, "pair_prompt_sources", None))
+    metrics_corpus = pick("metrics_corpus")
+    if metrics_corpus is not None and not Path(metrics_corpus).expanduser().is_file():
+        raise ValueError(f"--metrics-corpus {metrics_corpus} is not a file.")
     return Settings(
         data_dir=Path(pick("data_dir") or default_data_dir()).resolve(),
         host=getattr(args, "host", None) or "127.0.0.1",
         port=getattr(args, "port", None) or 7860,
         device=pick("device", "auto"),
         starter=starter,
-        researchers=frozenset(n.strip() for n in researchers.split(",") if n.strip()),
+        researchers=_name_set(researchers),
+        admins=_name_set(pick("admins", "") or ""),
+        hub_dataset=hub_dataset,
+        hub_publish_minutes=hub_publish_minutes,
+        hub_oauth=environ.get("SYSTEM") == "spaces" and all(environ.get(name) for name in OAUTH_ENV_VARS),
         researcher_key=environ.get(ENV_VARS["researcher_key"]) or None,
         hub_token=environ.get(ENV_VARS["hub_token"]) or None,
         pool_prompts=pool_prompts,
+        pair_prompt_sources=pair_prompt_sources,
+        **_quality_settings(pick),
+        metrics_corpus=Path(metrics_corpus).expanduser().resolve() if metrics_corpus else None,
     )
+
+
+def _prompt_sources(text: str | None) -> tuple[str, ...] | None:
+    """--pair-prompt-sources as a tuple of known sources; None (all) when not given."""
+    if text is None:
+        return None
+    chosen = {s.strip() for s in text.split(",") if s.strip()}
+    unknown = sorted(chosen - set(PROMPT_SOURCES))
+    if unknown or not chosen:
+        raise ValueError(f"--pair-prompt-sources takes sources of {', '.join(PROMPT_SOURCES)}, got {text!r}.")
+    return tuple(s for s in PROMPT_SOURCES if s in chosen)
+
+
+def _name_set(text: str) -> frozenset[str]:
+    return frozenset(n.strip() for n in text.split(",") if n.strip())
+
+
+def _quality_settings(pick) -> dict:
+    """The quality flags given (flag or environment), checked; absent ones keep the defaults."""
+    chosen = {}
+    for name, (kind, lowest, highest, _) in QUALITY_FLAGS.items():
+        value = pick(name)
+        if value is None or value == "":
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        try:
+            value = kind(value)
+        except ValueError:
+            raise ValueError(f"{flag} must be a{'n integer' if kind is int else ' number'}, got {value!r}.") from None
+        if not lowest <= value <= highest:
+            raise ValueError(f"{flag} must be between {lowest} and {highest}, got {value}.")
+        chosen[name] = value
+    return chosen

@@ -40,3 +40,13 @@ def length_fit(text: str, low: int, high: int) -> float:
     if count < low:
         return max(0.0, (count - low / 2) / (low / 2))
     return max(0.0, 1.0 - (count - high) / high)
+
+
+def distinct_ngram_share(text: str, n: int = 1) -> float | None:
+    """Distinct word n-grams over all n-grams (distinct-n): low when a story recycles its words.
+
+    None for a story with no n-gram at all, so empty texts do not count as fully varied.
+    """
+    tokens = words(text)
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None

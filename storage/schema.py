@@ -167,3 +167,67 @@ def m002_reward_scores(db: Database) -> None:
     # votes table, and with it the pair-statistics triggers.
     db["votes"].add_column("predicted", float)
     db["votes"].add_column("predicted_by", int)
+
+
+@MIGRATIONS()
+def m004_ratings_and_metrics(db: Database) -> None:
+    """Rubric ratings and automatic metrics, kept per story so per-policy means are one query.
+
+    ratings: one 1-5 score per (story, annotator, criterion), with the vote it followed
+    (no foreign key: undo deletes a vote, and the judgement of the stories stays valid).
+    story_metrics: one value per (story, metric); policy_metrics: metrics of a whole policy
+    (held-out perplexity), with what they were measured on in `detail` (JSON).
+    """
+    db["ratings"].create(
+        {"completion_id": int, "annotator_id": int, "criterion": str, "rating": int,
+         "vote_id": int, "created_at": float},
+        pk=("completion_id", "annotator_id", "criterion"),
+        not_null={"rating"},
+        foreign_keys=[("completion_id", "completions", "id"), ("annotator_id", "annotators", "id")],
+    )
+    db["story_metrics"].create(
+        {"completion_id": int, "metric": str, "value": float},
+        pk=("completion_id", "metric"),
+        not_null={"value"},
+        foreign_keys=[("completion_id", "completions", "id")],
+    )
+    db["policy_metrics"].create(
+        {"model_id": int, "metric": str, "value": float, "detail": str, "computed_at": float},
+        pk=("model_id", "metric"),
+        not_null={"value"},
+        foreign_keys=[("model_id", "models", "id")],
+    )
+
+
+@MIGRATIONS()
+def m006_hub_identity(db: Database) -> None:
+    """annotators.hub_username: set for people signed in with Hugging Face (OAuth-verified).
+
+    Their display name is "@username", which the name form cannot produce, so nobody can
+    sign in by name as a Hub user. A plain ALTER TABLE column plus a unique index.
+    """
+    db["annotators"].add_column("hub_username", str)
+    db["annotators"].create_index(["hub_username"], unique=True)
+
+
+@MIGRATIONS()
+def m005_quality_controls(db: Database) -> None:
+    """Gold pairs with a known answer, the gold pair behind each gold vote, and exclusion.
+
+    gold_pairs: two stories of one prompt (ids in order, lo < hi) and the better one.
+    votes.gold_id: set on votes with source 'gold'. annotators.excluded_at: set when a
+    researcher leaves an annotator's votes out of training data and the leaderboard.
+    Plain ALTER TABLE columns, no foreign keys: votes must not be rebuilt (its triggers).
+    """
+    db["gold_pairs"].create(
+        {"id": int, "completion_lo": int, "completion_hi": int, "better": int,
+         "created_by": int, "created_at": float},
+        pk="id",
+        not_null={"completion_lo", "completion_hi", "better"},
+        foreign_keys=[("completion_lo", "completions", "id"), ("completion_hi", "completions", "id"),
+                      ("created_by", "annotators", "id")],
+    )
+    db["gold_pairs"].create_index(["completion_lo", "completion_hi"], unique=True)
+    db["votes"].add_column("gold_id", int)
+    db["annotators"].add_column("excluded_at", float)
+    db["annotators"].add_column("excluded_reason", str)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlite_utils import Database
@@ -11,7 +11,16 @@ from sqlite_utils import Database
 from storage.db import write_transaction
 
 CHOICES = ("a", "b", "tie", "both_bad")
-SOURCES = ("human", "weak", "simulated")
+SOURCES = ("human", "weak", "simulated", "gold")
+
+
+def not_excluded(alias: str) -> str:
+    """SQL condition: the row (votes or ratings, under `alias`) is not by an excluded annotator.
+
+    Their votes and ratings stay stored but count on no leaderboard, in no training data and
+    in no policy average. NOT EXISTS, not NOT IN: weak votes have no annotator and must stay.
+    """
+    return f"NOT EXISTS (SELECT 1 FROM annotators x WHERE x.id = {alias}.annotator_id AND x.excluded_at IS NOT NULL)"
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,7 @@ class ShownPair:
     model_a: int
     model_b: int
     shown_at: float
+    gold_id: int | None = None  # a gold pair with a known answer (votes get source 'gold')
 
 
 def _ordered(x: int, y: int) -> tuple[int, int]:
@@ -42,6 +52,8 @@ def record_vote(
         raise ValueError(f"Unknown choice {choice!r}; expected one of {', '.join(CHOICES)}.")
     if source not in SOURCES:
         raise ValueError(f"Unknown vote source {source!r}.")
+    if (pair.gold_id is not None) != (source == "gold"):
+        raise ValueError("Votes on gold pairs, and only those, have source 'gold'.")
     now = time.time()
     with write_transaction(db):
         existing = db.execute(
@@ -55,7 +67,7 @@ def record_vote(
             "annotator_id": annotator_id, "choice": choice, "rationale": rationale,
             "shown_at": pair.shown_at, "voted_at": now, "source": source,
             "confidence": confidence, "client_key": client_key,
-            "predicted": predicted, "predicted_by": predicted_by,
+            "predicted": predicted, "predicted_by": predicted_by, "gold_id": pair.gold_id,
         }).last_pk
         if annotator_id is not None:
             mark_seen(db, annotator_id, pair.completion_a, pair.completion_b)
@@ -92,17 +104,26 @@ def policy_pair_stats(db: Database) -> list[dict]:
     return list(db.query("SELECT * FROM policy_pairs WHERE votes > 0"))
 
 
-def find_unseen_pair(db: Database, annotator_id: int, model_x: int, model_y: int) -> dict | None:
-    """A random prompt where both policies have stories this annotator has not judged together."""
+def find_unseen_pair(
+    db: Database, annotator_id: int, model_x: int, model_y: int, prompt_sources: Sequence[str] | None = None,
+) -> dict | None:
+    """A random prompt where both policies have stories this annotator has not judged together,
+    among prompts of `prompt_sources` only when given (seed, user, teams)."""
+    sources = list(prompt_sources or [])
+    # the prompt's row is found by its primary key: no scan, whatever the filter
+    source_join = (
+        " JOIN prompts p ON p.id = cx.prompt_id AND p.source IN (" + ", ".join("?" for _ in sources) + ")"
+        if sources else ""
+    )
     row = db.execute(
         "SELECT cx.prompt_id, cx.id AS completion_x, cy.id AS completion_y"
         " FROM completions cx JOIN completions cy"
-        "   ON cy.prompt_id = cx.prompt_id AND cy.model_id = :y"
-        " WHERE cx.model_id = :x AND NOT EXISTS ("
-        "   SELECT 1 FROM seen_pairs s WHERE s.annotator_id = :a"
+        f"   ON cy.prompt_id = cx.prompt_id AND cy.model_id = ?{source_join}"
+        " WHERE cx.model_id = ? AND NOT EXISTS ("
+        "   SELECT 1 FROM seen_pairs s WHERE s.annotator_id = ?"
         "   AND s.completion_lo = min(cx.id, cy.id) AND s.completion_hi = max(cx.id, cy.id))"
         " ORDER BY random() LIMIT 1",
-        {"x": model_x, "y": model_y, "a": annotator_id},
+        [model_y, *sources, model_x, annotator_id],
     ).fetchone()
     if row is None:
         return None
@@ -110,10 +131,10 @@ def find_unseen_pair(db: Database, annotator_id: int, model_x: int, model_y: int
 
 
 def human_comparisons(db: Database) -> list[dict]:
-    """Human votes aggregated as (model_a, model_b, choice, n) for ranking."""
+    """Human votes (excluded annotators left out) as (model_a, model_b, choice, n) for ranking."""
     return list(db.query(
-        "SELECT model_a, model_b, choice, count(*) AS n FROM votes WHERE source = 'human'"
-        " GROUP BY model_a, model_b, choice"
+        "SELECT model_a, model_b, choice, count(*) AS n FROM votes v WHERE source = 'human'"
+        f" AND {not_excluded('v')} GROUP BY model_a, model_b, choice"
     ))
 
 
@@ -142,7 +163,7 @@ def votes_per_source(db: Database) -> list[dict]:
 
 
 def preference_rows(db: Database, sources: tuple[str, ...] = ("human",)) -> Iterator[dict]:
-    """Every vote with its prompt and both stories, for exporting training data."""
+    """Every vote with its prompt and both stories, for training data (excluded annotators left out)."""
     marks = ", ".join("?" for _ in sources)
     yield from db.query(
         "SELECT v.id, v.choice, v.source, v.confidence, v.annotator_id, v.rationale,"
@@ -151,7 +172,7 @@ def preference_rows(db: Database, sources: tuple[str, ...] = ("human",)) -> Iter
         " FROM votes v JOIN prompts p ON p.id = v.prompt_id"
         " JOIN completions ca ON ca.id = v.completion_a"
         " JOIN completions cb ON cb.id = v.completion_b"
-        f" WHERE v.source IN ({marks}) ORDER BY v.id",
+        f" WHERE v.source IN ({marks}) AND {not_excluded('v')} ORDER BY v.id",
         list(sources),
     )
 

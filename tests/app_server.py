@@ -27,7 +27,10 @@ from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 # A tiny random GPT-2 and a six-prompt pool: the whole arena is ready in well under a minute.
-TINY_ARGS = ("--starter", "tiny", "--pool-prompts", "6")
+# Tests vote at machine speed from one address: the abuse controls are off here and
+# tested on their own in tests/test_rate_limits.py.
+ABUSE_CONTROLS_OFF = ("--min-vote-seconds", "0", "--annotator-votes-per-minute", "0", "--ip-votes-per-minute", "0")
+TINY_ARGS = ("--starter", "tiny", "--pool-prompts", "6", *ABUSE_CONTROLS_OFF)
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 

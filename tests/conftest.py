@@ -24,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TINY_SETTINGS = dict(
     starter="tiny", pool_prompts=6, generation_batch_size=6, max_new_tokens=16, device="cpu",
+    min_vote_seconds=0.0,  # tests vote at machine speed; tests/test_quality.py checks the minimum
 )
 
 

@@ -1,6 +1,8 @@
 """The benches still run: `python -m bench.run --quick --json` on its cheapest parts.
 
-The voting bench starts two servers and takes minutes, so it is left to the full quick run.
+The voting and training-cost benches take minutes (two servers; every training kind), so
+they are left to the full quick run. The closed loop runs here: it is the one end-to-end
+check that votes -> reward -> RLOO/DPO/DPH -> new policies -> stories works in one process.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from tests.conftest import REPO_ROOT, clean_env
 
 def test_quick_run_prints_one_json_document_with_every_part():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--json", "--only", "first_start,storage,generation"],
-        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "bench.run", "--quick", "--json", "--only", "first_start,storage,generation,closed_loop"],
+        cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(done.stdout)
     assert document["quick"] is True and document["failed"] == {}
-    assert set(document["benches"]) == set(document["headlines"]) == {"first_start", "storage", "generation"}
+    assert set(document["benches"]) == set(document["headlines"]) == {"first_start", "storage", "generation", "closed_loop"}
 
     first_start = document["headlines"]["first_start"]
     assert first_start["starter"] == "tiny"
@@ -37,3 +39,13 @@ def test_quick_run_prints_one_json_document_with_every_part():
     generation = document["benches"]["generation"]
     assert generation["model"] == "tiny"
     assert set(generation["speedup_vs_batch_1"]) == {"1", "4"} and generation["speedup_vs_batch_1"]["1"] == 1.0
+
+    loop = document["benches"]["closed_loop"]
+    assert loop["starter"] == "tiny" and loop["votes"]["votes"] > 0
+    assert loop["reward"]["votes_used"] > 0
+    assert set(loop["methods"]) == {"rloo", "dpo", "dph"}
+    for method in loop["methods"].values():
+        assert method["pairs"] == loop["eval_prompts"]
+        low, high = method["ci95"]
+        assert 0.0 <= low <= method["win_rate"] <= high <= 1.0
+        assert method["wins"] + method["losses"] + method["ties"] == method["pairs"]

@@ -1,4 +1,5 @@
-"""End to end in a real browser: sign in, vote with the keyboard, undo, leaderboard, XSS.
+"""End to end in a real browser: sign in, vote with the keyboard, undo, leaderboard, XSS,
+the rubric after a vote (and its `rate` endpoint over HTTP).
 
 One app (tiny random GPT-2, six-prompt pool) serves the whole module; Chromium is the
 Debian build at /usr/bin/chromium driven by Playwright.
@@ -187,6 +188,96 @@ def test_keyboard_votes_undo_and_leaderboard(arena, page):
     loser = first["name_b"]
     assert float(by_policy[winner]["wins"]) == 1 and float(by_policy[loser]["losses"]) == 1, board
     assert float(by_policy[winner]["score"]) > float(by_policy[loser]["score"]), board
+
+
+def ratings_of(data_dir: Path, annotator_id: int) -> dict[tuple[int, str], int]:
+    rows = query(db_path(data_dir), "SELECT completion_id, criterion, rating FROM ratings WHERE annotator_id = ?",
+                 [annotator_id])
+    return {(completion, criterion): rating for completion, criterion, rating in rows}
+
+
+def test_rubric_after_a_vote_is_optional_keyboard_friendly_and_stored(arena, page):
+    url, data_dir = arena
+    name = "Rubric Rater"
+    sign_in(page, url, name)
+    me = annotator_id(data_dir, name)
+    # Gradio 6 renders a Group's elem_id on two nested elements: the outer one is the block.
+    rubric, status = page.locator("#rubric").first, page.locator("#arena-status")
+    expect(rubric).to_be_hidden()
+
+    press_on_body(page, "2")
+    expect(page.locator("#reveal")).to_contain_text("You chose B is better")
+    (judged,) = votes_of(data_dir, me)
+    # The rubric names the two stories just judged; the next pair is already on screen.
+    expect(rubric).to_be_visible()
+    expect(page.locator("#rubric-story-a")).to_contain_text(f"Story A ({judged['name_a']})")
+    expect(page.locator("#rubric-story-b")).to_contain_text(f"Story B ({judged['name_b']})")
+    expect(page.locator("#story-a .story")).to_be_visible()
+
+    page.locator("#rate-a-coherence").get_by_role("radio", name="4").click()
+    engagement_b = page.locator("#rate-b-engagement").get_by_role("radio", name="2")
+    engagement_b.focus()
+    page.keyboard.press("Space")
+    expect(engagement_b).to_be_checked()
+    # A digit typed on a focused radio is not a vote shortcut.
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#rubric-status")).to_contain_text("Saved 2 ratings")
+    expect(rubric).to_be_hidden()
+    expect(status).to_contain_text(re.compile(r"your votes:\s*1\b"))
+    assert ratings_of(data_dir, me) == {
+        (judged["completion_a"], "coherence"): 4, (judged["completion_b"], "engagement"): 2,
+    }
+
+    # Skipping it: vote on the next pair and leave the rubric alone; nothing more is stored.
+    press_on_body(page, "1")
+    expect(status).to_contain_text(re.compile(r"your votes:\s*2\b"))
+    expect(rubric).to_be_visible()
+    assert len(ratings_of(data_dir, me)) == 2
+
+    # The Metrics tab averages the ratings per policy.
+    page.get_by_role("tab", name="Metrics").click()
+    page.locator("#metrics-refresh").click()
+    expect(page.locator("#metrics-table")).to_contain_text("rated coherence", timeout=UI_WAIT_MS)
+    expect(page.locator("#metrics-table")).to_contain_text(judged["name_a"])
+
+
+def test_rate_api_checks_the_session_and_stores_through_http(arena):
+    """The rubric's `rate` endpoint over HTTP: signed-in session, and only one's own last vote."""
+    gradio_client = pytest.importorskip("gradio_client")
+    from gradio_client.exceptions import AppError
+
+    def client_key(outputs) -> str:
+        return next(o for o in outputs if isinstance(o, str) and re.fullmatch(r"[0-9a-f]{32}", o))
+
+    url, data_dir = arena
+    wait_for_pool(data_dir)
+    no_ratings = (None,) * 6  # A then B, criteria in ratings.CRITERIA order
+    stranger = gradio_client.Client(url, verbose=False)
+    with pytest.raises(AppError, match="Sign in"):
+        stranger.predict("4", *no_ratings[1:], api_name="/rate")
+    rater = gradio_client.Client(url, verbose=False)
+    key = client_key(rater.predict("Quinn", "", api_name="/sign_in"))
+    with pytest.raises(AppError, match="vote first"):
+        rater.predict("4", *no_ratings[1:], api_name="/rate")
+    rater.predict(key, "", api_name="/vote_a")
+    # Another session has not voted on that pair: its rating is refused.
+    other = gradio_client.Client(url, verbose=False)
+    other.predict("Rex", "", api_name="/sign_in")
+    with pytest.raises(AppError, match="vote first"):
+        other.predict("1", *no_ratings[1:], api_name="/rate")
+    with pytest.raises(AppError, match="at least one rating"):
+        rater.predict(*no_ratings, api_name="/rate")
+    rater.predict("4", None, "2", None, None, "5", api_name="/rate")
+    db = db_path(data_dir)
+    (vote,) = query(db, "SELECT v.id, v.completion_a, v.completion_b FROM votes v"
+                        " JOIN annotators a ON a.id = v.annotator_id WHERE a.name = 'Quinn'")
+    stored = query(db, "SELECT r.completion_id, r.criterion, r.rating, r.vote_id FROM ratings r"
+                       " JOIN annotators a ON a.id = r.annotator_id WHERE a.name = 'Quinn' ORDER BY 1, 2")
+    assert sorted(stored) == sorted([
+        (vote[1], "coherence", 4, vote[0]), (vote[1], "engagement", 2, vote[0]),
+        (vote[2], "engagement", 5, vote[0]),
+    ])
 
 
 def test_story_markup_renders_as_text(arena, page):

@@ -9,11 +9,13 @@ import gradio as gr
 from rlhf import arena
 from rlhf.settings import Settings
 from storage.db import Store
-from ui.arena import KEYBOARD_JS, build_arena_tab
+from ui.arena import KEYBOARD_JS, RUBRIC_JS, build_arena_tab
 from ui.compare import build_compare_tab
 from ui.data import build_data_tab
 from ui.leaderboard import build_leaderboard_tab
+from ui.metrics import build_metrics_tab
 from ui.models import build_models_tab
+from ui.prompts import build_prompts_tab
 from ui.train import build_jobs_tab, build_train_tab
 
 CSS = """
@@ -36,14 +38,20 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             name = gr.Textbox(label="Your name", max_length=settings.max_name_chars, elem_id="annotator-name", scale=3)
             key = gr.Textbox(label="Researcher key (researchers only)", type="password", max_length=200, scale=2)
             sign_in = gr.Button("Sign in", variant="primary", elem_id="sign-in", scale=1)
+            if settings.hub_oauth:
+                gr.LoginButton(scale=1)
         who_md = gr.Markdown(elem_id="who")
         with gr.Tabs():
             with gr.Tab("Arena", id="arena"):
                 arena_tab = build_arena_tab(settings, store, session)
             with gr.Tab("Leaderboard", id="leaderboard"):
                 load_board, board_outputs = build_leaderboard_tab(store)
+            with gr.Tab("Metrics", id="metrics"):
+                load_metrics, metrics_outputs = build_metrics_tab(store)
             with gr.Tab("Compare", id="compare"):
                 load_prompts, prompt_picker = build_compare_tab(store)
+            with gr.Tab("Prompts", id="prompts"):
+                load_prompt_table, prompt_table = build_prompts_tab(store)
             with gr.Tab("Models", id="models"):
                 load_models, models_table, model_tools = build_models_tab(settings, store, session)
             with gr.Tab("Data", id="data"):
@@ -54,11 +62,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
                 load_jobs, jobs_table, job_tools = build_jobs_tab(settings, store, session)
         researcher_groups = [model_tools, data_tools, train_tools, job_tools]
 
-        def do_sign_in(name_text, key_text):
-            try:
-                who = arena.sign_in(store, settings, name_text, key_text)
-            except arena.ArenaError as exc:
-                raise gr.Error(str(exc)) from exc
+        def signed_in(who):
             researcher = who["role"] in ("researcher", "admin")
             welcome = f"Signed in as **{html.escape(who['name'])}** ({who['role']})."
             return (
@@ -66,13 +70,33 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
                 *arena_tab["load_pair"](who, None), *load_counts(who),
             )
 
+        def do_sign_in(name_text, key_text):
+            try:
+                return signed_in(arena.sign_in(store, settings, name_text, key_text))
+            except arena.ArenaError as exc:
+                raise gr.Error(str(exc)) from exc
+
+        def do_hub_sign_in(profile: gr.OAuthProfile | None):
+            """After "Sign in with Hugging Face" the page reloads: Gradio injects the verified
+            profile (never a client's claim), and that username signs in."""
+            if profile is None:
+                return tuple(gr.skip() for _ in sign_in_outputs)
+            try:
+                return signed_in(arena.sign_in_hub(store, settings, profile.username))
+            except arena.ArenaError as exc:
+                raise gr.Error(str(exc)) from exc
+
         sign_in_outputs = [session, who_md, *researcher_groups, *arena_tab["outputs"], *count_outputs]
+        if settings.hub_oauth:
+            demo.load(do_hub_sign_in, None, sign_in_outputs, api_visibility="private")
         sign_in.click(do_sign_in, [name, key], sign_in_outputs, api_name="sign_in")
         name.submit(do_sign_in, [name, key], sign_in_outputs, api_visibility="private")
         demo.load(load_board, None, board_outputs, api_visibility="private")
+        demo.load(load_metrics, None, metrics_outputs, api_visibility="private")
         demo.load(load_prompts, None, prompt_picker, api_visibility="private")
         demo.load(load_models, None, models_table, api_visibility="private")
+        demo.load(load_prompt_table, None, prompt_table, api_visibility="private")
         demo.load(load_bases, None, base_picker, api_visibility="private")
         demo.load(load_jobs, None, jobs_table, api_visibility="private")
         demo.load(lambda: load_counts(None)[0], None, count_outputs[0], api_visibility="private")
-    return demo, {"css": CSS, "head": KEYBOARD_JS}
+    return demo, {"css": CSS, "head": KEYBOARD_JS + RUBRIC_JS}

@@ -8,7 +8,10 @@ import time
 import gradio as gr
 
 from rlhf import arena
+from rlhf.quality import VoteRateLimiter
+from rlhf.metrics import rate_vote, rubric_pair
 from rlhf.settings import Settings
+from storage import ratings
 from storage.db import Store
 from ui.common import require_signed_in, story_html
 
@@ -60,7 +63,9 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
     client_key = gr.Textbox(visible=False, elem_id="client-key")
     pair_state = gr.State(None)
     last_vote = gr.State(None)
+    limiter = VoteRateLimiter.from_settings(settings)
     poll = gr.Timer(2.0, active=True)
+    build_rubric(store, session, last_vote)
 
     outputs = [status, prompt, story_a, story_b, pair_state, client_key, poll]
 
@@ -80,7 +85,7 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
     def load_pair(who: dict | None, current: arena.PairView | None):
         if current is not None:
             return show(current, who)
-        return show(arena.next_pair(store, who["id"]) if who else None, who)
+        return show(arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources) if who else None, who)
 
     def poll_for_pair(who: dict | None, current: arena.PairView | None):
         if who is None or current is not None:
@@ -88,7 +93,7 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
         return load_pair(who, current)
 
     def make_vote(choice: str):
-        def vote(who, current, key, reason, previous):
+        def vote(who, current, key, reason, previous, request: gr.Request):
             who = require_signed_in(who)
             if current is None:
                 raise gr.Error("There is no pair on screen to vote on.")
@@ -96,21 +101,22 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
                 # A double click or a retry of a vote already counted: change nothing.
                 return (gr.skip(),) * (len(outputs) + 3)
             try:
-                vote_id, _ = arena.submit_vote(store, settings, who["id"], current, choice, reason, key)
+                vote_id, _ = arena.submit_vote(store, settings, who["id"], current, choice, reason, key,
+                                               limiter=limiter, address=request.client.host if request.client else None)
             except arena.ArenaError as exc:
                 raise gr.Error(str(exc)) from exc
             revealed = (
                 f"You chose <b>{CHOICE_LABELS[choice]}</b>. A was <b>{html.escape(current.name_a)}</b>, "
                 f"B was <b>{html.escape(current.name_b)}</b>."
             )
-            return (*show(arena.next_pair(store, who["id"]), who), "", revealed, (vote_id, time.time()))
+            return (*show(arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources), who), "", revealed, (vote_id, time.time()))
         return vote
 
     def skip_pair(who, current):
         who = require_signed_in(who)
         if current is not None:
             arena.skip_pair(store, who["id"], current)
-        return (*show(arena.next_pair(store, who["id"]), who), "Skipped.")
+        return (*show(arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources), who), "Skipped.")
 
     def undo_last(who, previous):
         who = require_signed_in(who)
@@ -128,3 +134,83 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
     undo.click(undo_last, [session, last_vote], [*outputs, reveal, last_vote], api_name="undo", trigger_mode="once")
     poll.tick(poll_for_pair, [session, pair_state], outputs, api_visibility="private", show_progress="hidden")
     return {"load_pair": load_pair, "outputs": outputs}
+
+
+# --- Rubric: optional 1-5 ratings of the two stories just judged --------------------------
+# Its own block, fed only by the last_vote state: the vote path above does not know it exists.
+
+RUBRIC_SCALE = ["1", "2", "3", "4", "5"]
+RUBRIC_EXCERPT_CHARS = 300
+
+# Enter anywhere in the rubric (a focused radio) saves it; the vote keys ignore inputs, so
+# digits pressed on a radio never vote.
+RUBRIC_JS = """
+<script>
+document.addEventListener('keydown', (event) => {
+  if (event.key !== 'Enter' || event.shiftKey || event.ctrlKey || event.metaKey || event.altKey) return;
+  const rubric = document.getElementById('rubric');
+  const target = event.target;
+  if (!rubric || !target || !rubric.contains(target) || target.tagName === 'BUTTON') return;
+  const button = document.getElementById('rate-submit');
+  if (button && !button.disabled) { event.preventDefault(); button.click(); }
+});
+</script>
+"""
+
+
+def _excerpt(text: str) -> str:
+    return text if len(text) <= RUBRIC_EXCERPT_CHARS else text[:RUBRIC_EXCERPT_CHARS].rstrip() + " …"
+
+
+def build_rubric(store: Store, session: gr.State, last_vote: gr.State) -> None:
+    """After each vote, offer 1-5 ratings of its two stories (policies named, as revealed).
+
+    Skippable by doing nothing: the next pair is already on screen and nothing is stored
+    until Save. Tab reaches the radios, arrow keys pick a value, Enter saves. Save rates the
+    session's last vote as the vote handler keeps it on the server, so the `rate` API works
+    without the page (only the change event that shows the rubric comes from the page).
+    """
+    with gr.Group(visible=False, elem_id="rubric") as group:
+        gr.Markdown("**Rate the two stories you just judged** (optional: skip it by voting on the next pair; "
+                    "Tab to a row, arrow keys to pick, Enter saves).")
+        headings, radios = {}, {}
+        with gr.Row():
+            for side in ("a", "b"):
+                with gr.Column():
+                    headings[side] = gr.HTML(elem_id=f"rubric-story-{side}")
+                    for criterion in ratings.CRITERIA:
+                        radios[side, criterion] = gr.Radio(
+                            RUBRIC_SCALE, label=f"Story {side.upper()}: {criterion.replace('_', ' ')}",
+                            elem_id=f"rate-{side}-{criterion}",
+                        )
+        save = gr.Button("Save ratings (Enter)", elem_id="rate-submit", size="sm")
+    rubric_status = gr.Markdown(elem_id="rubric-status")
+    outputs = [group, rubric_status, *headings.values(), *radios.values()]
+
+    def offer(who: dict | None, previous):
+        pair = rubric_pair(store, who["id"], previous[0]) if who and previous else None
+        if pair is None:
+            return (gr.Group(visible=False), "", "", "", *[None] * len(radios))
+        heading = {
+            side: f"<b>Story {side.upper()}</b> ({html.escape(name)}){story_html(_excerpt(text))}"
+            for side, name, text in (("a", pair.name_a, pair.story_a), ("b", pair.name_b, pair.story_b))
+        }
+        return (gr.Group(visible=True), "", heading["a"], heading["b"], *[None] * len(radios))
+
+    def rate(who, previous, *values):
+        who = require_signed_in(who)
+        if not previous:
+            raise gr.Error("There is no judged pair to rate: vote first.")
+        by_side: dict[str, dict[str, int]] = {"a": {}, "b": {}}
+        try:
+            for (side, criterion), value in zip(radios, values):
+                if value:
+                    by_side[side][criterion] = int(value)
+            saved = rate_vote(store, who["id"], previous[0], by_side)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return (gr.Group(visible=False), f"Saved {saved} rating{'s' if saved != 1 else ''}. Thank you!",
+                gr.skip(), gr.skip(), *[None] * len(radios))
+
+    last_vote.change(offer, [session, last_vote], outputs, api_visibility="private", show_progress="hidden")
+    save.click(rate, [session, last_vote, *radios.values()], outputs, api_name="rate", trigger_mode="once")

@@ -4,14 +4,17 @@ the pool (Snorkel's LFAnalysis) and accuracy against human votes, and the label 
 
 from __future__ import annotations
 
+import html
 import time
 
 import gradio as gr
 import pandas as pd
 
+from rlhf import hub, quality
 from rlhf.export import preference_records, write_jsonl
 from rlhf.settings import Settings
 from rlhf.weak import WeakParams, label_pool
+from storage import quality as quality_rows
 from storage import scores, votes
 from storage.db import Store
 from ui.common import require_researcher
@@ -47,11 +50,15 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
         include_undecided = gr.Checkbox(label="Include ties and both-bad votes (marked with `label`)", value=False)
         export = gr.Button("Export preferences (JSONL, TRL format)", variant="primary")
         download = gr.File(label="Download", interactive=False)
+        target = settings.hub_dataset or "no dataset repo set (--hub-dataset)"
+        publish = gr.Button(f"Publish preferences to the Hub ({target})")
+        published = gr.Markdown()
         with gr.Accordion("Weak supervision: labeling functions and label model", open=False):
             analyse = gr.Button("Analyse labeling functions on the pool")
             weak_summary = gr.Markdown()
             weak_table = gr.Dataframe(label="Labeling functions: coverage, overlap and conflict on the pool pairs; "
                                             "accuracy on the decided human votes each one voted on", interactive=False)
+        build_quality_block(settings, store, session)
     refresh = gr.Button("Refresh", size="sm")
 
     def counts(who):
@@ -81,5 +88,112 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
 
     refresh.click(counts, session, [by_source, by_annotator, agreement], api_name="vote_counts")
     analyse.click(weak_analysis, session, [weak_summary, weak_table], api_name="weak_analysis")
+    def publish_to_hub(who):
+        who = require_researcher(who)
+        try:
+            job_id = hub.queue_publish(store, settings, who["id"])
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return f"Publishing as job {job_id} (see the Jobs tab); voting goes on meanwhile."
+
     export.click(export_file, [session, include_undecided], download, api_name="export")
+    publish.click(publish_to_hub, session, published, api_name="publish")
     return counts, [by_source, by_annotator, agreement], researcher_tools
+
+
+# --- Annotator quality: gold accuracy, agreement, exclusion, gold pairs (researchers) --------
+
+QUALITY_HEAD = ("annotator", "role", "human votes", "gold votes", "gold accuracy", "shared pairs",
+                "kappa vs others", "status")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def quality_html(rows: list[dict]) -> str:
+    """The per-annotator table; names and reasons are untrusted and escaped."""
+    body = []
+    for r in rows:
+        status = (f"excluded: {r['excluded_reason'] or ''}" if r["excluded"]
+                  else "below threshold" if r["below_threshold"] else "counted")
+        cells = (r["annotator"], r["role"], r["votes"], r["gold_votes"], r["gold_accuracy"],
+                 r["shared_pairs"], r["kappa"], status)
+        body.append("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in QUALITY_HEAD) + "</tr>"
+    return f'<table class="jobs">{head}{"".join(body)}</table>'
+
+
+def gold_html(rows: list[dict]) -> str:
+    body = [
+        f"<tr><td>{g['id']}</td><td>#{g['prompt_id']} {html.escape(g['prompt'][:80])}</td>"
+        f"<td>{html.escape(g['better_policy'])}</td><td>{html.escape(g['worse_policy'])}</td>"
+        f"<td>{g['votes']}</td><td>{g['correct']}</td></tr>"
+        for g in rows
+    ]
+    head = "<tr><th>id</th><th>prompt</th><th>better</th><th>worse</th><th>votes</th><th>right</th></tr>"
+    return f'<table class="jobs">{head}{"".join(body)}</table>'
+
+
+def build_quality_block(settings: Settings, store: Store, session: gr.State) -> None:
+    """Gold accuracy and Cohen's kappa per annotator, exclusion, and gold pairs (rlhf.quality)."""
+    with gr.Accordion("Annotator quality: gold pairs, agreement, exclusion", open=False):
+        gr.Markdown(
+            f"Gold pairs (two stories of one prompt with a known answer) are shown in {settings.gold_rate:.0%} "
+            f"of pairs until an annotator has seen them all; their votes count only here. Kappa: Cohen's kappa "
+            f"against the majority of the other annotators on shared story pairs. Flagged: gold accuracy under "
+            f"{settings.min_gold_accuracy:.0%} on at least {settings.min_gold_votes} gold votes. Excluded annotators' "
+            f"votes stay stored but leave the training data and the leaderboard."
+        )
+        show = gr.Button("Show annotator quality")
+        table = gr.HTML(elem_id="annotator-quality")
+        with gr.Row():
+            name = gr.Textbox(label="Annotator name", max_length=settings.max_name_chars)
+            exclude = gr.Button("Exclude")
+            include = gr.Button("Include again")
+            exclude_flagged = gr.Button("Exclude everyone flagged")
+        with gr.Row():
+            prompt_id = gr.Number(label="Prompt id (#id in the Compare tab)", precision=0)
+            better = gr.Textbox(label="Better policy (name or id)")
+            worse = gr.Textbox(label="Worse policy (name or id)")
+            add = gr.Button("Add gold pair")
+        message = gr.Markdown()
+        gold_table = gr.HTML(elem_id="gold-pairs")
+
+    def refreshed(who, note: str = ""):
+        require_researcher(who)
+        return quality_html(quality.report(store, settings)), gold_html(quality_rows.list_gold_pairs(store.db)), note
+
+    def set_excluded(excluded: bool):
+        def act(who, annotator):
+            require_researcher(who)
+            try:
+                quality.set_excluded(store, annotator, excluded)
+            except LookupError as exc:
+                raise gr.Error(str(exc)) from exc
+            return refreshed(who, f"{html.escape(annotator.strip())} is {'excluded' if excluded else 'counted again'}.")
+        return act
+
+    def exclude_below(who):
+        require_researcher(who)
+        names = quality.exclude_below_threshold(store, settings)
+        return refreshed(who, f"Excluded: {html.escape(', '.join(names)) or 'nobody'}.")
+
+    def add_gold(who, prompt, better_policy, worse_policy):
+        who = require_researcher(who)
+        if prompt is None:
+            raise gr.Error("Enter the prompt id of the gold pair.")
+        try:
+            gold_id = quality.add_gold_pair(store, int(prompt), better_policy, worse_policy, who["id"])
+        except (ValueError, LookupError) as exc:
+            raise gr.Error(str(exc)) from exc
+        return refreshed(who, f"Added gold pair {gold_id}.")
+
+    outputs = [table, gold_table, message]
+    show.click(refreshed, session, outputs, api_name="annotator_quality")
+    exclude.click(set_excluded(True), [session, name], outputs, api_name="exclude_annotator")
+    include.click(set_excluded(False), [session, name], outputs, api_name="include_annotator")
+    exclude_flagged.click(exclude_below, session, outputs, api_name="exclude_flagged")
+    add.click(add_gold, [session, prompt_id, better, worse], outputs, api_name="add_gold_pair")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from rlhf.leaderboard import standings, win_rates
 from rlhf.ranking import heatmap_figure
-from storage import models, votes
+from storage import models, quality, votes
 from storage.db import Store
 
 COLUMNS = ["rank", "policy", "score", "ci_low", "ci_high", "votes", "wins", "losses", "ties", "both_bad", "kind", "parent"]
@@ -28,7 +28,8 @@ class _Cached:
 
     def get(self):
         db = self.store.db
-        key = (votes.human_vote_total(db), tuple((m.id, m.active) for m in models.list_models(db)))
+        key = (votes.human_vote_total(db), tuple((m.id, m.active) for m in models.list_models(db)),
+               quality.excluded_annotator_ids(db))
         with self._lock:
             if key != self._key:
                 rows = standings(self.store)

@@ -7,7 +7,7 @@ import json
 import gradio as gr
 import pandas as pd
 
-from rlhf import policies
+from rlhf import hub, policies
 from rlhf.settings import Settings
 from storage import completions, models
 from storage.db import Store
@@ -43,6 +43,11 @@ def build_models_tab(settings: Settings, store: Store, session: gr.State):
             model_id = gr.Number(label="Policy id", precision=0)
             active = gr.Checkbox(label="Active (shown in the arena)", value=True)
             apply = gr.Button("Apply")
+        gr.Markdown("#### Push a checkpoint to the Hub (with a model card: lineage, kind, data, metrics)")
+        with gr.Row():
+            push_id = gr.Number(label="Policy id", precision=0)
+            push_repo = gr.Textbox(label="Hub model repo (owner/name)", max_length=200)
+            push = gr.Button("Push to the Hub")
         result = gr.Markdown()
 
     def add_policy(who, name_text, source_text, decoding_text):
@@ -64,7 +69,16 @@ def build_models_tab(settings: Settings, store: Store, session: gr.State):
             raise gr.Error(str(exc)) from exc
         return policy_table(store), f"**{record.name}** is now {'active' if record.active else 'inactive'}."
 
+    def push_to_hub(who, model, repo):
+        who = require_researcher(who)
+        try:
+            job_id = hub.queue_push(store, settings, model, repo, who["id"])
+        except (ValueError, LookupError) as exc:
+            raise gr.Error(str(exc)) from exc
+        return f"Pushing as job {job_id} (see the Jobs tab)."
+
     refresh.click(lambda: policy_table(store), None, table, api_name="models")
+    push.click(push_to_hub, [session, push_id, push_repo], result, api_name="push_model")
     add.click(add_policy, [session, name, source, decoding], [table, result], api_name="add_policy")
     apply.click(switch, [session, model_id, active], [table, result], api_name="set_active")
     return (lambda: policy_table(store)), table, researcher_tools

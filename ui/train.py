@@ -26,11 +26,12 @@ KIND_HELP = {
     "pretrain": "BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
     "dph": "Direct Preference Head: a scalar head on the base policy's last hidden state (LM untouched in the default mode head). Registers a best-of-k policy and the head as a reward model; extra e.g. {\"best_of\": 4, \"objective\": \"separable\", \"mode\": \"lora\", \"w_dpo\": 0.5}.",
     "weak": "Weak labels: labeling functions and a Snorkel label model label the pool's unvoted pairs (source weak, never on the leaderboard); Max steps: label-model epochs; extra e.g. {\"threshold\": 0.8}. Then train a reward model with {\"weak_labels\": true}.",
+    "teams": "TeaMs-RL: an RL instructor picks operations (breadth, constraints, deepening, ...) that an expert policy applies to evolve new prompts (source teams, with parent and operation; see the Prompts tab); registers no model. Max steps: the expert-query budget (quick 48); extra e.g. {\"executor\": \"rules\", \"expert\": 1, \"threshold\": 0.1}.",
 }
 # Kinds that learn from the votes, where the form's data filter applies.
 PREFERENCE_KINDS = ("reward", "dpo", "dph")
 # Kinds that start from no policy: a base picked in the form is not passed to them.
-KINDS_WITHOUT_BASE = ("pretrain", "weak")
+KINDS_WITHOUT_BASE = ("pretrain", "weak", "teams")
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 LOG_TAIL_LINES = 40
@@ -55,7 +56,7 @@ def job_params(
         except (TypeError, ValueError):
             raise ValueError(f"Base must be a model id, got {base!r}.") from None
     if max_steps:
-        params["max_steps"] = int(max_steps)
+        params["budget" if kind == "teams" else "max_steps"] = int(max_steps)
     if min_annotators and min_annotators > 1 and kind in PREFERENCE_KINDS:
         params["min_annotators"] = int(min_annotators)
     if kind == "pretrain" and corpus:
