@@ -6,6 +6,10 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 1000 user && mkdir /data && chown user:user /data
 USER user
 ENV HOME=/home/user PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/data/.huggingface
+# Requests reach a Space through its proxy: trust its X-Forwarded-For so the per-address vote
+# limit sees each visitor, not one shared proxy address (a forged header can dodge that limit,
+# never the per-annotator one).
+ENV FORWARDED_ALLOW_IPS=*
 WORKDIR /home/user/app
 
 # The same install steps as a local setup, from the same pinned files: install.sh.

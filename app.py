@@ -26,8 +26,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: Settings) -> None:
-    """Refuse to serve researcher actions to a network on names alone."""
-    if settings.researchers and settings.researcher_key is None and not _is_loopback(settings.host):
+    """Refuse to serve researcher actions to a network on names alone. With the Hugging Face
+    login (hf_oauth on a Space) researchers sign in through it and the name form refuses
+    their names, so no key is needed then."""
+    if (settings.researchers and settings.researcher_key is None and not settings.hub_oauth
+            and not _is_loopback(settings.host)):
         raise SystemExit(
             "Researchers are configured and the app listens beyond this machine: set "
             "STORY_ARENA_RESEARCHER_KEY so a researcher name alone grants nothing."

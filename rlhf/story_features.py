@@ -17,10 +17,15 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in WORD.findall(text or "")]
 
 
+def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The text's word n-grams, in order."""
+    tokens = words(text)
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
 def repeated_ngram_share(text: str, n: int = 4) -> float:
     """Share of word n-grams that occur more than once: high for loops and stutters."""
-    tokens = words(text)
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = ngrams(text, n)
     if not grams:
         return 0.0
     counts = Counter(grams)
@@ -47,6 +52,5 @@ def distinct_ngram_share(text: str, n: int = 1) -> float | None:
 
     None for a story with no n-gram at all, so empty texts do not count as fully varied.
     """
-    tokens = words(text)
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = ngrams(text, n)
     return len(set(grams)) / len(grams) if grams else None

@@ -69,7 +69,7 @@ import torch
 from rlhf.params import check_choice, check_real, check_whole, given_params
 from rlhf.prompts import required_words
 from rlhf.settings import Settings
-from rlhf.story_features import repeated_ngram_share, words
+from rlhf.story_features import ngrams, repeated_ngram_share, words
 from rlhf.weak import dictionary_words
 
 OPERATIONS = ("breadth", "constraints", "deepening", "concretizing", "reasoning", "complicate_input")
@@ -339,7 +339,7 @@ def mean_pairwise_distance(embeddings: np.ndarray) -> float:
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct word n-grams over all word n-grams of the texts (1.0 for no n-grams)."""
-    grams = [tuple(ws[i:i + n]) for ws in map(words, texts) for i in range(len(ws) - n + 1)]
+    grams = [gram for text in texts for gram in ngrams(text, n)]
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
@@ -376,12 +376,7 @@ def normalized(text: str) -> str:
     return " ".join(words(text))
 
 
-def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    tokens = words(text)
-    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
-
-
-INSTRUCTION_NGRAMS = {op: _ngrams(text, LEAK_NGRAM) for op, text in EXPERT_INSTRUCTIONS.items()}
+INSTRUCTION_NGRAMS = {op: set(ngrams(text, LEAK_NGRAM)) for op, text in EXPERT_INSTRUCTIONS.items()}
 
 
 def invalid_reason(text: str, operation: str, known: set[str], max_chars: int) -> str | None:
@@ -397,7 +392,7 @@ def invalid_reason(text: str, operation: str, known: set[str], max_chars: int) -
         return "too_long"
     if normalized(text) in known:
         return "copy"
-    if LEAK_MARKERS.search(text) or _ngrams(text, LEAK_NGRAM) & INSTRUCTION_NGRAMS[operation]:
+    if LEAK_MARKERS.search(text) or set(ngrams(text, LEAK_NGRAM)) & INSTRUCTION_NGRAMS[operation]:
         return "leak"
     if not REQUEST_WORDS.search(text):
         return "not_a_prompt"

@@ -139,3 +139,15 @@ def test_a_well_formed_corpus_passes_the_check(store, tmp_path):
     upload = tmp_path / "stories.jsonl"
     upload.write_text("\n".join(json.dumps({"text": f"Story {i}."}) for i in range(3)), encoding="utf-8")
     check_training_params(store, "pretrain", {"corpus": {"file": str(upload)}})
+
+
+def test_researchers_beyond_localhost_need_a_key_unless_they_sign_in_with_hugging_face(tmp_path):
+    from app import check_exposure
+    from tests.conftest import tiny_settings
+
+    exposed = tiny_settings(tmp_path, host="0.0.0.0", researchers=frozenset({"rita"}))
+    with pytest.raises(SystemExit, match="STORY_ARENA_RESEARCHER_KEY"):
+        check_exposure(exposed)
+    check_exposure(tiny_settings(tmp_path, host="127.0.0.1", researchers=frozenset({"rita"})))
+    check_exposure(tiny_settings(tmp_path, host="0.0.0.0", researchers=frozenset({"rita"}), researcher_key="k"))
+    check_exposure(tiny_settings(tmp_path, host="0.0.0.0", researchers=frozenset({"rita"}), hub_oauth=True))
