@@ -300,3 +300,16 @@ def test_story_markup_renders_as_text(arena, page):
     expect(page.locator("#reveal")).to_contain_text("You chose B is better")
     expect(page.locator("#story-a .story")).to_contain_text(PAYLOAD)
     assert page.evaluate("() => window.__pwned") is None
+
+
+def test_opening_a_tab_shows_what_was_stored_after_the_page_loaded(arena, page):
+    url, data_dir = arena
+    wait_for_pool(data_dir)
+    page.goto(url)
+    page.get_by_role("tab", name="Prompts").click()
+    expect(page.locator("#prompts-table")).to_contain_text("Write")
+    page.get_by_role("tab", name="Arena").click()
+    text = "Write a story about a lighthouse that collects lost socks."
+    execute(db_path(data_dir), "INSERT INTO prompts (text, source, created_at) VALUES (?, 'user', 0)", [text])
+    page.get_by_role("tab", name="Prompts").click()
+    expect(page.locator("#prompts-table")).to_contain_text(text)

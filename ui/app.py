@@ -44,21 +44,21 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
         with gr.Tabs():
             with gr.Tab("Arena", id="arena"):
                 arena_tab = build_arena_tab(settings, store, session)
-            with gr.Tab("Leaderboard", id="leaderboard"):
+            with gr.Tab("Leaderboard", id="leaderboard") as board_tab:
                 load_board, board_outputs = build_leaderboard_tab(store)
-            with gr.Tab("Metrics", id="metrics"):
+            with gr.Tab("Metrics", id="metrics") as metrics_tab:
                 load_metrics, metrics_outputs = build_metrics_tab(store)
-            with gr.Tab("Compare", id="compare"):
+            with gr.Tab("Compare", id="compare") as compare_tab:
                 load_prompts, prompt_picker = build_compare_tab(store)
-            with gr.Tab("Prompts", id="prompts"):
-                load_prompt_table, prompt_table = build_prompts_tab(store)
-            with gr.Tab("Models", id="models"):
+            with gr.Tab("Prompts", id="prompts") as prompts_tab:
+                show_prompts, prompt_source, prompt_table = build_prompts_tab(store)
+            with gr.Tab("Models", id="models") as models_tab:
                 load_models, models_table, model_tools = build_models_tab(settings, store, session)
             with gr.Tab("Data", id="data"):
                 load_counts, count_outputs, data_tools = build_data_tab(settings, store, session)
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train", id="train") as train_tab:
                 load_bases, base_picker, train_tools = build_train_tab(settings, store, session)
-            with gr.Tab("Jobs", id="jobs"):
+            with gr.Tab("Jobs", id="jobs") as jobs_tab:
                 load_jobs, jobs_table, job_tools = build_jobs_tab(settings, store, session)
         researcher_groups = [model_tools, data_tools, train_tools, job_tools]
 
@@ -91,12 +91,20 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             demo.load(do_hub_sign_in, None, sign_in_outputs, api_visibility="private")
         sign_in.click(do_sign_in, [name, key], sign_in_outputs, api_name="sign_in")
         name.submit(do_sign_in, [name, key], sign_in_outputs, api_visibility="private")
-        demo.load(load_board, None, board_outputs, api_visibility="private")
-        demo.load(load_metrics, None, metrics_outputs, api_visibility="private")
-        demo.load(load_prompts, None, prompt_picker, api_visibility="private")
-        demo.load(load_models, None, models_table, api_visibility="private")
-        demo.load(load_prompt_table, None, prompt_table, api_visibility="private")
-        demo.load(load_bases, None, base_picker, api_visibility="private")
-        demo.load(load_jobs, None, jobs_table, api_visibility="private")
+        # Each tab is filled when the page loads and again whenever it is opened, so what it
+        # shows is never older than the click that brought it up (the first start fills the
+        # database while the page is already open).
+        tab_contents = [
+            (board_tab, load_board, None, board_outputs),
+            (metrics_tab, load_metrics, None, metrics_outputs),
+            (compare_tab, load_prompts, None, prompt_picker),
+            (prompts_tab, show_prompts, prompt_source, prompt_table),
+            (models_tab, load_models, None, models_table),
+            (train_tab, load_bases, None, base_picker),
+            (jobs_tab, load_jobs, None, jobs_table),
+        ]
+        for tab, load, inputs, outputs in tab_contents:
+            demo.load(load, inputs, outputs, api_visibility="private")
+            tab.select(load, inputs, outputs, api_visibility="private", show_progress="hidden")
         demo.load(lambda: load_counts(None)[0], None, count_outputs[0], api_visibility="private")
     return demo, {"css": CSS, "head": KEYBOARD_JS + RUBRIC_JS}

@@ -57,6 +57,8 @@ def lineage_html(store: Store, prompt_id) -> str:
 
 
 def build_prompts_tab(store: Store):
+    """Lay out the tab; returns (show, source, table) so the page can refresh the table for
+    the chosen source on load and whenever the tab is opened."""
     with gr.Row():
         source = gr.Dropdown(label="Source", choices=[ALL_SOURCES, *prompts.SOURCES], value=ALL_SOURCES,
                              elem_id="prompts-source", scale=2)
@@ -71,4 +73,4 @@ def build_prompts_tab(store: Store):
     source.change(show, source, table, api_name="prompts")
     refresh.click(show, source, table, api_visibility="private")
     prompt_id.change(lambda value: lineage_html(store, value), prompt_id, chain, api_visibility="private")
-    return lambda: prompts_html(store, ALL_SOURCES), table
+    return show, source, table
