@@ -204,7 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--methods", default="dph_head,dph_lora,reward_model,dpo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="CI size: tiny random GPT-2, 32/16 pairs, 2 LM steps, 50 head steps (checks it runs; the accuracies mean nothing)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.train_pairs, args.eval_pairs, args.steps, args.head_steps = "tiny", 32, 16, 2, 50
 
     from transformers import AutoTokenizer, set_seed
 

@@ -18,10 +18,11 @@ Benches run here (BENCHES below):
   training_cost bench/training_cost.py seconds per training step and per 1k pairs, per kind
   teams       bench/teams.py       TeaMs-RL instructor against random operations at equal query budgets
   metric_agreement bench/metric_agreement.py automatic story metrics against HANNA's human ratings
-                (reads ../shared/data: fails where that folder is missing)
+  dph         bench/dph.py         Direct Preference Heads against a reward model and DPO on HH-RLHF pairs
+  weak_supervision bench/weak_supervision.py  reward accuracy with and without weak labels (HH-RLHF)
 
-Not run here: bench/dph.py and bench/weak_supervision.py have no quick mode yet (they read
-../shared/data and train models for minutes); run them on their own.
+metric_agreement, dph and weak_supervision read ../shared/data (they fail where it is missing);
+their quick sizes check that they run, and their full runs give the README's figures.
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ def _metric_agreement_headline(report: dict) -> dict:
     return report["hanna"]["strongest"]
 
 
+def _dph_headline(report: dict) -> dict:
+    return report["step_cost_vs_dpo"] or {}
+
+
+def _weak_supervision_headline(report: dict) -> dict:
+    return {str(row["human_labels"]): {"human_only": (row["human_only"] or {}).get("mean"),
+                                       "with_weak": (row["with_weak"] or {}).get("mean")}
+            for row in report["results"]}
+
+
 BENCHES = {
     "first_start": Bench("bench.first_start", ("--starter", "tiny"), (), _first_start_headline),
     "storage": Bench(
@@ -102,6 +113,8 @@ BENCHES = {
     "training_cost": Bench("bench.training_cost", ("--quick",), (), _training_cost_headline),
     "teams": Bench("bench.teams", ("--quick",), (), _teams_headline),
     "metric_agreement": Bench("bench.metric_agreement", ("--quick",), (), _metric_agreement_headline),
+    "dph": Bench("bench.dph", ("--quick",), (), _dph_headline),
+    "weak_supervision": Bench("bench.weak_supervision", ("--quick",), (), _weak_supervision_headline),
 }
 
 

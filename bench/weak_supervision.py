@@ -208,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c", type=float, default=1.0, help="inverse L2 strength of the linear head")
     parser.add_argument("--max-length", type=int, default=256, help="MiniLM tokens per text (the job's minilm default)")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "weak_supervision.png")
+    parser.add_argument("--pool-pairs", type=int, help="use only the first N pool pairs (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI size: 300 pool and 100 test pairs, sizes 50 and all, one seed, no plot")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.pool_pairs, args.test_pairs, args.sizes, args.seeds, args.plot = 300, 100, "50,all", 1, None
     started = time.perf_counter()
 
-    pool = load_pairs(args.pool)
+    pool = load_pairs(args.pool)[: args.pool_pairs]
     test = load_pairs(args.test)
     random.Random(0).shuffle(test)
     test = test[: args.test_pairs]
@@ -263,13 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         })
     title = (f"HH-RLHF, frozen MiniLM + linear reward head ({args.seeds} seeds, {len(test)} test pairs)\n"
              f"weak labels: threshold {args.threshold:g}, weight {args.weight:g}")
-    plot(rows, args.plot, title)
+    if args.plot is not None:
+        plot(rows, args.plot, title)
     print(json.dumps({
         "data": {"pool": args.pool.name, "pool_pairs": len(pool), "test": args.test.name, "test_pairs": len(test)},
         "reward_model": "frozen all-MiniLM-L6-v2 mean-pooled + linear Bradley-Terry head",
         "threshold": args.threshold, "weight": args.weight, "c": args.c, "max_length": args.max_length,
         "seeds": args.seeds, "results": rows, "lfs_vs_hidden_labels": lf_truth_accuracy(pool),
-        "plot": str(args.plot), "seconds": round(time.perf_counter() - started, 1),
+        "plot": str(args.plot) if args.plot else None, "seconds": round(time.perf_counter() - started, 1),
     }, indent=1))
     return 0
 
