@@ -33,6 +33,10 @@ def add_gold_pair(db: Database, better: int, worse: int, created_by: int | None 
         }).last_pk
 
 
+# SQL: vote v (on gold pair g) picked the story known to be better.
+PICKED_BETTER = "((v.choice = 'a' AND v.completion_a = g.better) OR (v.choice = 'b' AND v.completion_b = g.better))"
+
+
 def list_gold_pairs(db: Database) -> list[dict]:
     """Every gold pair with its prompt, both policies, and how its votes went."""
     return list(db.query(
@@ -40,7 +44,7 @@ def list_gold_pairs(db: Database) -> list[dict]:
         " mb.name AS better_policy, mw.name AS worse_policy,"
         " (SELECT count(*) FROM votes v WHERE v.gold_id = g.id) AS votes,"
         " (SELECT count(*) FROM votes v WHERE v.gold_id = g.id AND"
-        "   ((v.choice = 'a' AND v.completion_a = g.better) OR (v.choice = 'b' AND v.completion_b = g.better))) AS correct"
+        f"   {PICKED_BETTER}) AS correct"
         " FROM gold_pairs g JOIN completions c ON c.id = g.better JOIN prompts p ON p.id = c.prompt_id"
         " JOIN models mb ON mb.id = c.model_id"
         " JOIN completions cw ON cw.id = (CASE WHEN g.better = g.completion_lo THEN g.completion_hi ELSE g.completion_lo END)"
@@ -70,7 +74,7 @@ def gold_results(db: Database) -> list[dict]:
     """Per annotator: gold votes and how many picked the known better story."""
     return list(db.query(
         "SELECT v.annotator_id, count(*) AS gold_votes,"
-        " sum((v.choice = 'a' AND v.completion_a = g.better) OR (v.choice = 'b' AND v.completion_b = g.better)) AS gold_correct"
+        f" sum({PICKED_BETTER}) AS gold_correct"
         " FROM votes v JOIN gold_pairs g ON g.id = v.gold_id"
         " WHERE v.source = 'gold' AND v.annotator_id IS NOT NULL GROUP BY v.annotator_id"
     ))
