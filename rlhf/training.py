@@ -16,6 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available
 
 from rlhf.export import preference_records
+from rlhf.heldout import split_by_prompt
 from rlhf.models import resolve_device
 from rlhf.policies import queue_pool
 from rlhf.progress import JobProgress
@@ -70,17 +71,6 @@ def resume_checkpoint(output_dir: Path) -> str | None:
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
-def split_by_hash(records: list[dict], eval_fraction: float, key: str = "vote_id") -> tuple[list[dict], list[dict]]:
-    """A held-out split that stays put as votes arrive (by hash of each record's id)."""
-    def held_out(record: dict) -> bool:
-        digest = hashlib.sha256(str(record[key]).encode()).digest()
-        return digest[0] / 256 < eval_fraction
-
-    train = [r for r in records if not held_out(r)]
-    evaluation = [r for r in records if held_out(r)]
-    return train, evaluation
-
-
 def preference_data(
     store: Store, min_pairs: int = 2, eval_fraction: float = 0.2, sources: tuple[str, ...] = ("human",),
     min_annotators: int = 1,
@@ -89,9 +79,7 @@ def preference_data(
     records = list(preference_records(store, sources=sources, min_annotators=min_annotators))
     if len(records) < min_pairs:
         raise ValueError(f"Training needs at least {min_pairs} decided votes; there are {len(records)}.")
-    train, evaluation = split_by_hash(records, eval_fraction)
-    if not train:
-        train, evaluation = evaluation, []
+    train, evaluation = split_by_prompt(records, eval_fraction)
     return train, evaluation, data_snapshot(records)
 
 
