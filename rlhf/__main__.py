@@ -56,7 +56,7 @@ def cmd_generate(settings: Settings, args) -> dict:
 def cmd_leaderboard(settings: Settings, args) -> dict:
     from rlhf.leaderboard import standings
 
-    return {"leaderboard": standings(settings.store(), rounds=args.rounds)}
+    return {"leaderboard": standings(settings.store())}
 
 
 def cmd_export(settings: Settings, args) -> dict:
@@ -168,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = command("generate", cmd_generate, "write a policy's missing stories for the first N prompts")
     generate.add_argument("--model", type=int, required=True, help="policy id (see `models`)")
     generate.add_argument("--prompts", type=int, help="cover the first N prompts (default: all); stories already written are kept")
-    board = command("leaderboard", cmd_leaderboard, "Bradley-Terry standings with bootstrap 95%% intervals")
-    board.add_argument("--rounds", type=int, default=200, help="bootstrap rounds")
+    command("leaderboard", cmd_leaderboard, "Bradley-Terry standings with 95%% intervals; few votes: preliminary")
     export = command("export", cmd_export, "write human preferences as TRL-format JSON lines")
     export.add_argument("--out", type=Path, help="output file (default <data dir>/exports/preferences.jsonl)")
     export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")

@@ -16,12 +16,12 @@ def _comparisons(store: Store) -> list[Comparison]:
     return [Comparison(r["model_a"], r["model_b"], r["choice"]) for r in rows for _ in range(r["n"])]
 
 
-def standings(store: Store, rounds: int = 200) -> list[dict]:
+def standings(store: Store) -> list[dict]:
     """One row per policy with a story pool or votes, best first, with names and lineage."""
     records = {m.id: m for m in models.list_models(store.db)}
     comparisons = _comparisons(store)
     rows = []
-    for rank, standing in enumerate(leaderboard(comparisons, list(records), rounds=rounds), start=1):
+    for rank, standing in enumerate(leaderboard(comparisons, list(records)), start=1):
         record = records[standing.model_id]
         parent = records.get(record.parent_id)
         rows.append({"rank": rank, "policy": record.name, "kind": record.kind,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.ranking import PRELIMINARY_VOTES
 from tests.app_server import TINY_ARGS, query, running_app, wait_for, wait_for_pool
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -369,6 +370,11 @@ def test_leaderboard_counts_every_human_vote(app):
     assert set(STARTER_NAMES) <= set(rows)
     # Every vote involves two policies.
     assert sum(r["votes"] for r in rows.values()) == 2 * total
+    # Few votes: the standing is marked preliminary, and its interval is never a point.
+    for row in rows.values():
+        fitted = row["wins"] + row["losses"] + row["ties"]
+        assert row["preliminary"] == ("yes" if fitted < PRELIMINARY_VOTES else "")
+        assert fitted == 0 or row["ci_low"] < row["score"] < row["ci_high"]
 
 
 def test_added_policy_gets_its_stories_written(app, added_policy):

@@ -94,7 +94,7 @@ def test_models_json(voted_arena, cli_main):
 
 def test_leaderboard_json(voted_arena, cli_main):
     settings, store = voted_arena
-    code, out, _ = cli_main("leaderboard", "--data-dir", str(settings.data_dir), "--json", "--rounds", "20")
+    code, out, _ = cli_main("leaderboard", "--data-dir", str(settings.data_dir), "--json")
     assert code == 0
     board = json.loads(out)["leaderboard"]
     assert [row["rank"] for row in board] == list(range(1, len(board) + 1))

@@ -120,7 +120,7 @@ def test_excluding_the_flagged_annotators_removes_their_votes_from_training_and_
     flagged_votes = {r[0] for r in db.execute(
         "SELECT id FROM votes WHERE annotator_id IN (?, ?) AND source = 'human'", [ids[n] for n in flagged]).fetchall()}
     before = {r["vote_id"] for r in preference_records(store, include_undecided=True)}
-    board_before = sum(r["votes"] for r in standings(store, rounds=10))
+    board_before = sum(r["votes"] for r in standings(store))
     kappa_before = {r["annotator"]: r["kappa"] for r in quality.report(store, settings)}
     # A weak label has no annotator: excluding someone must not drop it.
     pair = votes.find_unseen_pair(db, 0, 1, 2)  # annotator 0 does not exist: every pair is unseen
@@ -132,7 +132,7 @@ def test_excluding_the_flagged_annotators_removes_their_votes_from_training_and_
     after = {r["vote_id"] for r in preference_records(store, include_undecided=True)}
     assert after == before - flagged_votes
     assert weak_id in {r["vote_id"] for r in preference_records(store, sources=("weak",))}
-    assert sum(r["votes"] for r in standings(store, rounds=10)) < board_before
+    assert sum(r["votes"] for r in standings(store)) < board_before
     assert sum(r["n"] for r in votes.human_comparisons(db)) == len(before) - len(flagged_votes)
     rows = {r["annotator"]: r for r in quality.report(store, settings)}
     assert rows[SLOPPY.name]["excluded"] and "gold accuracy below 80%" in rows[SLOPPY.name]["excluded_reason"]

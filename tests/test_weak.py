@@ -171,7 +171,7 @@ def test_weak_votes_never_reach_the_leaderboard_and_replace_each_other(tmp_path)
     good_model, _ = _pool(store, n_prompts=12, voted=4)
     before = (votes.policy_pair_stats(db), votes.human_comparisons(db), votes.human_vote_total(db),
               votes.votes_per_annotator(db),
-              [(r["policy"], r["wins"], r["losses"]) for r in standings(store, rounds=5)])
+              [(r["policy"], r["wins"], r["losses"]) for r in standings(store)])
 
     for _ in range(2):  # a second labelling replaces the first
         job = run_inline(settings, "weak", {})
@@ -186,7 +186,7 @@ def test_weak_votes_never_reach_the_leaderboard_and_replace_each_other(tmp_path)
                       [good_model, good_model]).fetchone()[0] == 0
     after = (votes.policy_pair_stats(db), votes.human_comparisons(db), votes.human_vote_total(db),
               votes.votes_per_annotator(db),
-             [(r["policy"], r["wins"], r["losses"]) for r in standings(store, rounds=5)])
+             [(r["policy"], r["wins"], r["losses"]) for r in standings(store)])
     assert after == before
     assert {r["source"]: r["votes"] for r in votes.votes_per_source(db)} == {"human": 4, "weak": 8}
 

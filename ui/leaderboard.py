@@ -9,11 +9,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from rlhf.leaderboard import standings, win_rates
-from rlhf.ranking import heatmap_figure
+from rlhf.ranking import PRELIMINARY_VOTES, heatmap_figure
 from storage import models, quality, votes
 from storage.db import Store
 
-COLUMNS = ["rank", "policy", "score", "ci_low", "ci_high", "votes", "wins", "losses", "ties", "both_bad", "kind", "parent"]
+COLUMNS = ["rank", "policy", "score", "ci_low", "ci_high", "preliminary", "votes", "wins", "losses", "ties", "both_bad", "kind", "parent"]
 REFRESH_S = 10.0
 
 
@@ -32,7 +32,7 @@ class _Cached:
                quality.excluded_annotator_ids(db))
         with self._lock:
             if key != self._key:
-                rows = standings(self.store)
+                rows = [{**row, "preliminary": "yes" if row["preliminary"] else ""} for row in standings(self.store)]
                 table = pd.DataFrame(rows, columns=COLUMNS).round({"score": 1, "ci_low": 1, "ci_high": 1})
                 matrix, labels = win_rates(self.store)
                 figure = heatmap_figure(matrix, labels)
@@ -46,7 +46,9 @@ def build_leaderboard_tab(store: Store) -> gr.Tab:
     gr.Markdown(
         "Scores are Bradley-Terry ratings on an Elo-like scale (mean 1000) fitted to human votes; "
         "ties count as half a win for each side, *both bad* votes are kept out of the fit and counted "
-        "separately. Intervals are bootstrap 95% intervals."
+        "separately. Intervals are 95% posterior intervals of the fit (wide until votes narrow them); "
+        f"a policy with fewer than {PRELIMINARY_VOTES} votes in the fit is marked *preliminary*: its rank may "
+        "still change a lot."
     )
     summary = gr.Markdown()
     table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="leaderboard-table")
