@@ -11,7 +11,8 @@ HTTP layer itself is measured by bench/voting.py), then the `reward`, `rloo`, `d
 parent then write stories for held-out prompts (prompts the vote pool never covered) by the
 pool job's own generation path, best-of-k included, and the oracle judges each pair:
 win = 1, tie or both bad = 1/2. Prints JSON: per method, the child's win rate against its
-parent with a bootstrap 95% interval over prompts (scipy.stats.bootstrap), the oracle's
+parent with a 95% interval resampled over prompts (rlhf.heldout.rate_interval: right at
+small counts too, where a bootstrap alone gives all-wins a zero-width interval), the oracle's
 mean score of both, and each job's metrics and seconds.
 
 On the tiny random starter the loop shows the plumbing works end to end and how far a
@@ -34,9 +35,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import bootstrap
 
 from rlhf import arena
+from rlhf.heldout import rate_interval
 from rlhf.jobs import run_inline
 from rlhf.pool import fill_pool
 from rlhf.prepare import prepare
@@ -92,7 +93,7 @@ def head_to_head(settings: Settings, child: int, parent: int, eval_ids: list[int
                  seed: int) -> dict:
     """Both policies' stories for the held-out prompts, judged by the oracle."""
     store = settings.store()
-    outcomes, child_scores, parent_scores = [], [], []
+    outcomes, judged, child_scores, parent_scores = [], [], [], []
     for prompt_id in eval_ids:
         text = prompts.get_prompt(store.db, prompt_id)["text"]
         by_model = {c["model_id"]: c["text"] for c in completions.completions_for_prompt(store.db, prompt_id)}
@@ -100,14 +101,14 @@ def head_to_head(settings: Settings, child: int, parent: int, eval_ids: list[int
             continue
         verdict = oracle.prefers(text, by_model[child], by_model[parent])
         outcomes.append({"a": 1.0, "b": 0.0}.get(verdict, 0.5))
+        judged.append(prompt_id)
         child_scores.append(oracle.score(text, by_model[child]))
         parent_scores.append(oracle.score(text, by_model[parent]))
     data = np.array(outcomes)
-    interval = bootstrap((data,), np.mean, confidence_level=0.95, n_resamples=2000,
-                         method="percentile", random_state=seed).confidence_interval
+    low, high = rate_interval(data, judged, seed)
     return {
         "pairs": len(outcomes), "win_rate": round(float(data.mean()), 3),
-        "ci95": [round(float(interval.low), 3), round(float(interval.high), 3)],
+        "ci95": [round(low, 3), round(high, 3)],
         "wins": int((data == 1.0).sum()), "losses": int((data == 0.0).sum()), "ties": int((data == 0.5).sum()),
         "oracle_score_child": round(statistics.fmean(child_scores), 3),
         "oracle_score_parent": round(statistics.fmean(parent_scores), 3),

@@ -198,7 +198,7 @@ def heldout_markdown(block: dict | None) -> str:
         f"{block['pairs']} pairs from {block['prompts']} held-out prompts (never trained on).",
         "",
         "Trivial baselines on the same pairs: " + ", ".join(
-            f"{name} {accuracy:.2f}" for name, accuracy in sorted(block["baselines"].items(), key=lambda kv: -kv[1])
+            f"{name} {accuracy:.2f}" for name, accuracy in sorted(block["baselines"].items(), key=lambda kv: (-kv[1], kv[0]))
         ) + ".",
     ]
     if block["verdict"] != INTERVAL_ABOVE:

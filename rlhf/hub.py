@@ -23,6 +23,7 @@ from huggingface_hub import CommitOperationAdd, DatasetCard, DatasetCardData, Hf
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from rlhf.export import preference_records, write_jsonl
+from rlhf.heldout import heldout_markdown
 from rlhf.settings import Settings
 from storage import jobs as job_rows
 from storage import models, votes
@@ -276,6 +277,8 @@ def model_card(store: Store, settings: Settings, record: ModelRecord, repo_id: s
     metrics = record.metrics or {}
     snapshot = (f"{metrics['votes_used']} votes, snapshot `{metrics['data_hash']}`"
                 if "data_hash" in metrics else "not recorded (not trained on votes)")
+    held_out = heldout_markdown(metrics.get("heldout"))
+    evaluation = f"## Held-out evaluation\n\n{held_out}\n\n" if held_out else ""
     body = f"""
 # {record.name}
 
@@ -293,7 +296,7 @@ From this model to its root:
 
 {steps}
 
-## Metrics
+{evaluation}## Metrics
 
 ```json
 {json.dumps(metrics, indent=2, sort_keys=True, default=str)}

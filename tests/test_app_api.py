@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.heldout import heldout_markdown, pairwise_report
 from rlhf.ranking import PRELIMINARY_VOTES
-from tests.app_server import TINY_ARGS, query, running_app, wait_for, wait_for_pool
+from tests.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
 
 gradio_client = pytest.importorskip("gradio_client")
 AppError = pytest.importorskip("gradio_client.exceptions").AppError
@@ -408,6 +409,23 @@ def test_simulated_annotators_vote_through_the_api(app):
     assert after - before == 6
     names = {r[0] for r in query(db(data_dir), "SELECT name FROM annotators WHERE name LIKE 'sim-7-%'")}
     assert names == {"sim-7-0", "sim-7-1"}
+
+
+def test_job_details_show_the_held_out_evaluation(app):
+    url, data_dir = app
+    held_out = [{"prompt": f"Prompt {i}.", "chosen": "A long story about a cat who found a hat.", "rejected": "A cat."}
+                for i in range(4)]
+    report = pairwise_report(held_out, [0.5, -1.0, -1.0, -2.0])
+    job_ids = []
+    for metrics in ({"heldout": report, "eval_accuracy": 0.25}, {"train_loss": 0.1}):
+        execute(db(data_dir), "INSERT INTO jobs (kind, params, status, progress, message, created_at, metrics)"
+                " VALUES ('reward', '{}', 'succeeded', 1.0, 'done', 0, ?)", [json.dumps(metrics)])
+        job_ids.append(query(db(data_dir), "SELECT max(id) FROM jobs")[0][0])
+    _, _, text = client(url).predict(job_ids[0], api_name="/job_details")
+    assert text == heldout_markdown(report)
+    assert "0.25 (95% interval" in text and "4 pairs from 4 held-out prompts" in text
+    assert "longer story wins 1.00" in text and "**Warning:** The model does not beat" in text
+    assert client(url).predict(job_ids[1], api_name="/job_details")[2] == ""
 
 
 def test_researcher_only_job_launch(app, researcher):

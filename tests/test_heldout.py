@@ -167,3 +167,21 @@ def test_markdown_shows_accuracy_prompts_baselines_and_warns_only_when_the_model
     winning = pairwise_report(records(40, 3, longer_wins=False), [1.0] * 120)
     assert "Held-out accuracy:** 1.00" in heldout_markdown(winning) and "Warning" not in heldout_markdown(winning)
     assert heldout_markdown(None) == ""
+
+
+def test_closed_loop_win_rates_carry_an_interval_over_prompts_even_with_one_prompt(arena_dir):
+    from bench.closed_loop import head_to_head
+    from rlhf.simulate import Oracle
+    from storage import models
+
+    settings, store = arena_dir
+    child, parent = (m.id for m in models.list_models(store.db)[:2])
+    pool = [p["id"] for p in prompts.list_prompts(store.db)[: settings.pool_prompts]]
+    oracle = Oracle(min_words=1, max_words=20, both_bad_below=-1.0)
+    every = head_to_head(settings, child, parent, pool, oracle, seed=0)
+    one = head_to_head(settings, child, parent, pool[:1], oracle, seed=0)
+    assert every["pairs"] == len(pool) and one["pairs"] == 1
+    for result in (every, one):
+        low, high = result["ci95"]
+        assert low <= result["win_rate"] <= high and high - low > 0.2
+    assert one["ci95"][1] - one["ci95"][0] > every["ci95"][1] - every["ci95"][0]

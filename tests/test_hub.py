@@ -28,6 +28,7 @@ import pytest
 from huggingface_hub import CommitInfo, DatasetCard, HfApi, ModelCard, RepoUrl
 
 from rlhf import arena, hub, jobs
+from rlhf.heldout import heldout_markdown, pairwise_report
 from rlhf.settings import Settings, add_arguments, from_args
 from storage import jobs as job_rows
 from storage import models
@@ -326,6 +327,21 @@ def test_push_uploads_the_checkpoint_with_a_model_card(voted, tmp_path):
     assert f"**{starter.name}** (arena id {starter.id}" in text  # the parent, in the lineage
     assert "5 votes, snapshot `abc123`" in text and '"eval_accuracy": 0.75' in text
     assert result["files"] == len(commit["files"])
+
+
+def test_model_card_shows_the_held_out_evaluation_and_says_when_a_baseline_wins(voted):
+    settings, store = voted
+    starter = models.list_models(store.db)[0]
+    held_out = [{"prompt": f"Prompt {i}.", "chosen": "A long story about a cat who found a hat and smiled.",
+                 "rejected": "A cat."} for i in range(6)]
+    losing = pairwise_report(held_out, [-1.0] * 6)  # "longer story wins" gets every pair right
+    reward = models.add_model(store.db, "rm-1", "reward", path=starter.path, parent_id=starter.id,
+                              metrics={"data_hash": "abc", "votes_used": 30, "heldout": losing}, active=False)
+    text = hub.model_card(store, settings, reward, "arena/rm-1").text
+    assert "## Held-out evaluation" in text and heldout_markdown(losing) in text
+    assert "6 pairs from 6 held-out prompts" in text and "longer story wins 1.00" in text
+    assert 'The model does not beat the best trivial baseline, "longer story wins"' in text
+    assert "Held-out evaluation" not in hub.model_card(store, settings, starter, "arena/starter").text
 
 
 def test_push_refuses_a_policy_without_a_local_folder(store):

@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from rlhf.heldout import heldout_markdown
 from rlhf.jobs import TRAINING_KINDS, check_training_params, log_path
 from rlhf.params import json_object
 from rlhf.settings import Settings
@@ -155,6 +156,7 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
     with gr.Row():
         job_id = gr.Number(label="Job id", precision=0)
         show = gr.Button("Show log and loss")
+    heldout = gr.Markdown(elem_id="job-heldout")
     with gr.Group(visible=False) as tools:
         with gr.Row():
             cancel = gr.Button("Cancel job", variant="stop")
@@ -166,12 +168,13 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
 
     def details(job):
         if job is None:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         try:
             row = job_rows.get_job(store.db, int(job))
         except LookupError as exc:
             raise gr.Error(str(exc)) from exc
-        return _curve(settings, row), _log_tail(settings, int(job))
+        held_out = heldout_markdown((row["metrics"] or {}).get("heldout"))
+        return _curve(settings, row), _log_tail(settings, int(job)), held_out
 
     def cancel_job(who, job):
         require_researcher(who)
@@ -189,7 +192,7 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
             raise gr.Error(str(exc)) from exc
         return jobs_html(store), f"Job {int(job)} queued again; it resumes from its last checkpoint."
 
-    show.click(details, job_id, [loss, log], api_name="job_details")
+    show.click(details, job_id, [loss, log, heldout], api_name="job_details")
     cancel.click(cancel_job, [session, job_id], [table, action], api_name="cancel_job")
     resume.click(resume_job, [session, job_id], [table, action], api_name="resume_job")
     timer.tick(lambda: jobs_html(store), None, table, api_visibility="private", show_progress="hidden")
