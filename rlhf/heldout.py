@@ -193,13 +193,12 @@ def heldout_markdown(block: dict | None) -> str:
     if block.get("accuracy") is None:
         return f"**Held-out evaluation:** {block['summary']}"
     low, high = block["ci95"]
+    baselines = sorted(block["baselines"].items(), key=lambda kv: (-kv[1], kv[0]))
     lines = [
-        f"**Held-out accuracy:** {block['accuracy']:.2f} (95% interval {low:.2f} to {high:.2f}) on "
-        f"{block['pairs']} pairs from {block['prompts']} held-out prompts (never trained on).",
+        (f"**Held-out accuracy:** {block['accuracy']:.2f} (95% interval {low:.2f} to {high:.2f}) on "
+         f"{block['pairs']} pairs from {block['prompts']} held-out prompts (never trained on)."),
         "",
-        "Trivial baselines on the same pairs: " + ", ".join(
-            f"{name} {accuracy:.2f}" for name, accuracy in sorted(block["baselines"].items(), key=lambda kv: (-kv[1], kv[0]))
-        ) + ".",
+        "Trivial baselines on the same pairs: " + ", ".join(f"{name} {value:.2f}" for name, value in baselines) + ".",
     ]
     if block["verdict"] != INTERVAL_ABOVE:
         lines += ["", f"**Warning:** {block['summary']}"]

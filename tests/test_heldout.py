@@ -75,7 +75,7 @@ def test_few_prompts_still_keep_one_on_each_side_and_one_prompt_holds_nothing_ou
 
 
 def test_preference_data_holds_out_whole_prompts(arena_dir):
-    settings, store = arena_dir
+    _, store = arena_dir
     db = store.db
     for prompt in prompts.list_prompts(db):
         stories = completions.completions_for_prompt(db, prompt["id"])
