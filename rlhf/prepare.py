@@ -57,13 +57,10 @@ def needs_prepare(store: Store, settings: Settings) -> bool:
     db = store.db
     if any(j["status"] in job_rows.ACTIVE for j in job_rows.list_jobs(db, limit=5, kind="prepare")):
         return False
-    target = prompts.prompt_count(db)
-    if target == 0:
+    if prompts.prompt_count(db) == 0:
         return True
-    target = min(target, settings.pool_prompts or target)
-    sizes = completions.pool_sizes(db)
     for name, _ in STARTER_POLICIES[settings.starter]:
         record = models.get_model_by_name(db, name)
-        if record is None or sizes.get(record.id, 0) < target:
+        if record is None or completions.prompts_without_completion(db, record.id, settings.pool_prompts):
             return True
     return False
