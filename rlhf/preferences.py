@@ -85,24 +85,24 @@ def import_preferences(
     the batch, naming each bad row. Texts failing the content check are stored with the reason."""
     name = check_name(name)
     limits = dict(zip(COLUMNS, (settings.max_prompt_chars, settings.max_story_chars, settings.max_story_chars)))
-    check = safety.checker(store)
-    pairs, problems = [], []
+    texts, problems = [], []
     for where, row in rows:
-        texts = pair_texts(row)
-        if isinstance(texts, str):
-            problems.append(f"{where}: {texts}")
+        found = pair_texts(row)
+        if isinstance(found, str):
+            problems.append(f"{where}: {found}")
             continue
-        bad = [f"{column} {problem}" for column, value in zip(COLUMNS, texts)
+        bad = [f"{column} {problem}" for column, value in zip(COLUMNS, found)
                if (problem := text_problem(value, limits[column]))]
-        if not bad and texts[1].strip() == texts[2].strip():
+        if not bad and found[1].strip() == found[2].strip():
             bad = ["chosen and rejected are the same"]
         if bad:
             problems.append(f"{where}: {', '.join(bad)}")
             continue
-        prompt, chosen, rejected = (t.strip() for t in texts)
-        pairs.append(ImportedPair(prompt, chosen, rejected, check(prompt), check(chosen), check(rejected)))
+        texts.extend(t.strip() for t in found)
     if problems:
         raise ImportRejected(problems)
-    if not pairs:
+    if not texts:
         raise ValueError("source: there are no preference pairs to import.")
+    verdicts = safety.ContentCheck(store).many(texts)
+    pairs = [ImportedPair(*texts[i:i + 3], *verdicts[i:i + 3]) for i in range(0, len(texts), 3)]
     return votes.import_pairs(store.db, name, origin, pairs)

@@ -268,8 +268,8 @@ def import_prompts(
         raise ImportRejected(problems)
     if not texts:
         raise ValueError("prompts: there are no prompts to import.")
-    check = safety.checker(store)
-    stored = prompt_rows.add_prompt_batch(store.db, [(t, check(t)) for t in texts], "user", collection)
+    verdicts = safety.ContentCheck(store).many(texts)
+    stored = prompt_rows.add_prompt_batch(store.db, list(zip(texts, verdicts)), "user", collection)
     from rlhf.policies import queue_pool  # loads torch: only when an import queues pools
 
     added = set(stored["added"])
