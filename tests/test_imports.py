@@ -322,3 +322,23 @@ def test_imported_votes_count_in_no_human_statistic(arena_dir, tmp_path):
     assert {r["source"] for r in both} == {"human", "import"} and len(both) == 7
     assert list(preference_records(store, sources=("human", "import"), datasets=["other"])) == before["human_records"]
     assert len(list(preference_records(store, sources=("import",), datasets=["outside"]))) == 4
+
+
+def test_m012_keeps_existing_prompts_and_detects_their_duplicates(tmp_path):
+    """An arena from before collections: its prompts get their normalised text, so an import
+    of a near-copy is counted as a duplicate."""
+    from storage.db import connect
+    from storage.schema import MIGRATIONS
+    from tests.conftest import tiny_settings
+
+    settings = tiny_settings(tmp_path / "data")
+    settings.data_dir.mkdir()
+    db = connect(settings.db_path)
+    MIGRATIONS.apply(db, stop_before="m012_collections_imports_and_content_checks")
+    db["prompts"].insert({"text": "Write a story about an old lighthouse.", "source": "seed", "created_at": 0.0})
+    db.conn.close()
+    store = settings.store()
+    assert prompts.get_prompt(store.db, 1)["normalized"] == "write a story about an old lighthouse"
+    assert "gore" in store.db.execute("SELECT group_concat(phrase) FROM content_themes").fetchone()[0]
+    result = prompt_import.import_prompts(store, settings, lines("write a story about an old LIGHTHOUSE"), "x")
+    assert result["duplicates"] == 1 and result["added"] == 0
