@@ -83,9 +83,7 @@ def hub_records(dataset: str, split: str, token: str | None = None) -> Iterator[
             rows = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
             rows = datasets.load_dataset(str(folder) if folder.is_dir() else dataset, split=split, token=token)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise ValueError(f"dataset: cannot load split {split!r} of {dataset!r}: {exc}") from None
-    except Exception as exc:  # the Hub client raises its own error types (offline, gated, missing)
-        raise ValueError(f"dataset: cannot load {dataset!r}: {type(exc).__name__}: {exc}") from None
+    except (OSError, KeyError, ValueError) as exc:  # the Hub's errors (missing, offline, gated) are OSErrors
+        raise ValueError(f"dataset: cannot load split {split!r} of {dataset!r}: {type(exc).__name__}: {exc}") from None
     for number, row in enumerate(rows, start=1):
         yield f"row {number}", row

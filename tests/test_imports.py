@@ -149,7 +149,7 @@ def test_prompts_from_a_local_hub_format_dataset(arena_dir, tmp_path, as_parquet
 
 
 def test_cli_prompts_add_list_retire(arena_dir, tmp_path, cli_main):
-    settings, store = arena_dir
+    settings, _ = arena_dir
     path = tmp_path / "mine.txt"
     path.write_text("Write a story about a red kite.\nWrite a story about a red kite!\n")
     data = ["--data-dir", str(settings.data_dir), "--json"]
@@ -273,7 +273,7 @@ def test_bad_preference_rows_are_named_and_nothing_is_stored(arena_dir, tmp_path
 
 
 def test_preferences_from_a_local_hub_format_dataset_and_the_cli(arena_dir, tmp_path, cli_main):
-    settings, store = arena_dir
+    settings, _ = arena_dir
     columns = {k: [row[k] for row in PAIRS[:2]] for k in ("prompt", "chosen", "rejected")}
     folder = save_local_dataset(tmp_path / "hub", columns, as_parquet=True)
     data = ["--data-dir", str(settings.data_dir), "--json"]

@@ -20,7 +20,6 @@ from storage import quality as quality_rows
 from storage.db import Store
 from ui.common import require_researcher
 
-
 WEAK_COLUMNS = ["lf", "rule", "coverage", "overlap", "conflict", "human_pairs", "accuracy"]
 
 
