@@ -342,3 +342,24 @@ def test_m012_keeps_existing_prompts_and_detects_their_duplicates(tmp_path):
     assert "gore" in store.db.execute("SELECT group_concat(phrase) FROM content_themes").fetchone()[0]
     result = prompt_import.import_prompts(store, settings, lines("write a story about an old LIGHTHOUSE"), "x")
     assert result["duplicates"] == 1 and result["added"] == 0
+
+
+def test_imported_pairs_are_not_weak_labelled_and_blocked_gold_pairs_are_not_served(arena_dir, tmp_path):
+    from rlhf import quality as quality_checks
+    from storage import quality as quality_rows
+    from storage import weak
+
+    settings, store = arena_dir
+    pool_before = weak.pool_pairs(store.db)
+    # the first imported prompt is a seed prompt: its stories share a prompt with the pool
+    seed = prompts.list_prompts(store.db, sources=["seed"], limit=1)[0]["text"]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": seed, "chosen": "Good story.", "rejected": "Bad story."}])
+    preferences.import_preferences(store, settings, preferences.read_pairs(path), "seedprefs", path)
+    assert weak.pool_pairs(store.db) == pool_before
+    pair = pool_before[0]
+    names = {m.id: m.name for m in models.list_models(store.db)}
+    gold_id = quality_checks.add_gold_pair(store, pair["prompt_id"], names[pair["model_a"]], names[pair["model_b"]])
+    ann = annotators.sign_in(store.db, "Gil", "annotator")["id"]
+    assert quality_rows.unseen_gold_pair(store.db, ann)["gold_id"] == gold_id
+    store.db.execute("UPDATE completions SET blocked_reason = 'reported' WHERE id = ?", [pair["completion_a"]])
+    assert quality_rows.unseen_gold_pair(store.db, ann) is None
