@@ -62,8 +62,15 @@ def cmd_leaderboard(settings: Settings, args) -> dict:
 def cmd_export(settings: Settings, args) -> dict:
     from rlhf.export import preference_records, write_jsonl
 
+    from storage.votes import SOURCES
+
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    if not sources or set(sources) - set(SOURCES):
+        raise ValueError(f"--sources takes vote sources of {', '.join(SOURCES)}, got {args.sources!r}.")
     out = args.out or settings.exports_dir / "preferences.jsonl"
-    count = write_jsonl(preference_records(settings.store(), include_undecided=args.include_undecided), out)
+    records = preference_records(settings.store(), sources, include_undecided=args.include_undecided,
+                                 datasets=args.dataset)
+    count = write_jsonl(records, out)
     return {"path": str(Path(out).resolve()), "records": count}
 
 
@@ -209,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "write human preferences as TRL-format JSON lines")
     export.add_argument("--out", type=Path, help="output file (default <data dir>/exports/preferences.jsonl)")
     export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")
+    export.add_argument("--sources", default="human", help="comma-separated vote sources to export, e.g. human,import (default human)")
+    export.add_argument("--dataset", action="append", help="with source import: only this imported data set (repeatable)")
     train = command("train", cmd_train, "run a training job to completion (the same job the Train tab queues)")
     train.add_argument("kind", choices=sorted(jobs.TRAINING_KINDS), help="what to train")
     train.add_argument("--base", type=int, help="base policy (or reward model) id")

@@ -363,3 +363,20 @@ def test_imported_pairs_are_not_weak_labelled_and_blocked_gold_pairs_are_not_ser
     assert quality_rows.unseen_gold_pair(store.db, ann)["gold_id"] == gold_id
     store.db.execute("UPDATE completions SET blocked_reason = 'reported' WHERE id = ?", [pair["completion_a"]])
     assert quality_rows.unseen_gold_pair(store.db, ann) is None
+
+
+def test_cli_export_keeps_the_source_and_selects_imported_data_sets(arena_dir, tmp_path, cli_main):
+    settings, store = arena_dir
+    for name in ("one", "two"):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", PAIRS[:1])
+        preferences.import_preferences(store, settings, preferences.read_pairs(path), name, path)
+    data = ["--data-dir", str(settings.data_dir), "--json"]
+    out_file = tmp_path / "out.jsonl"
+    code, out, _ = cli_main("export", "--out", str(out_file), "--sources", "human,import", "--dataset", "two", *data)
+    assert code == 0 and json.loads(out)["records"] == 1
+    [record] = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert (record["source"], record["dataset"], record["chosen"]) == ("import", "two", PAIRS[0]["chosen"])
+    code, out, _ = cli_main("export", "--out", str(out_file), *data)
+    assert json.loads(out)["records"] == 0  # human votes only by default, and there are none
+    code, out, _ = cli_main("export", "--sources", "robots", *data)
+    assert code == 2 and "--sources" in json.loads(out)["error"]
