@@ -44,11 +44,12 @@ def prompts_without_completion(db: Database, model_id: int, first: int | None = 
 
 
 def completions_for_prompt(db: Database, prompt_id: int) -> list[dict]:
-    """Every policy's story for one prompt, with the policy's name."""
+    """Every policy's story for one prompt, with the policy's name; stories kept out of the
+    arena (blocked) and those of imported data (external writers) are left out."""
     return list(db.query(
         "SELECT c.id, c.model_id, m.name AS model_name, c.text, c.tokens, c.ms"
-        " FROM completions c JOIN models m ON m.id = c.model_id"
-        " WHERE c.prompt_id = ? ORDER BY c.model_id",
+        " FROM completions c JOIN models m ON m.id = c.model_id AND m.kind != 'external'"
+        " WHERE c.prompt_id = ? AND c.blocked_reason IS NULL ORDER BY c.model_id",
         [prompt_id],
     ))
 
@@ -67,10 +68,13 @@ def pool_sizes(db: Database) -> dict[int, int]:
 
 
 def prompts_with_completions(db: Database, min_policies: int = 1) -> list[dict]:
-    """Prompts that have stories from at least `min_policies` policies."""
+    """Prompts that have stories from at least `min_policies` policies (blocked prompts and
+    stories, and imported data, left out)."""
     return list(db.query(
         "SELECT p.id, p.text, count(c.id) AS stories FROM prompts p"
-        " JOIN completions c ON c.prompt_id = p.id GROUP BY p.id"
+        " JOIN completions c ON c.prompt_id = p.id AND c.blocked_reason IS NULL"
+        " JOIN models m ON m.id = c.model_id AND m.kind != 'external'"
+        " WHERE p.blocked_reason IS NULL GROUP BY p.id"
         " HAVING count(c.id) >= ? ORDER BY p.id",
         [min_policies],
     ))

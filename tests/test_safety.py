@@ -192,3 +192,18 @@ def test_reports_table_escapes_reported_text():
     html = reports_html([{"report_id": 1, "prompt_id": 2, "completion_id": 3, "reports": 1,
                           "blocked_reason": None, "text": "<script>alert(1)</script>"}])
     assert "<script>" not in html and "&lt;script&gt;" in html and "story #3" in html
+
+
+def test_blocked_and_imported_stories_stay_off_the_compare_tab(arena_dir, tmp_path):
+    settings, store = arena_dir
+    prompt_id = completions.prompts_with_completions(store.db)[0]["id"]
+    stories = completions.completions_for_prompt(store.db, prompt_id)
+    assert len(stories) == 2
+    store.db.execute("UPDATE completions SET blocked_reason = 'theme: gore' WHERE id = ?", [stories[0]["id"]])
+    path = tmp_path / "p.jsonl"
+    text = prompts.get_prompt(store.db, prompt_id)["text"]
+    path.write_text(json.dumps({"prompt": text, "chosen": "Imported good.", "rejected": "Imported bad."}) + "\n")
+    preferences.import_preferences(store, settings, preferences.read_pairs(str(path)), "same-prompt", str(path))
+    assert [s["id"] for s in completions.completions_for_prompt(store.db, prompt_id)] == [stories[1]["id"]]
+    prompts.block_prompts(store.db, {prompt_id: "reported"})
+    assert prompt_id not in {p["id"] for p in completions.prompts_with_completions(store.db)}
