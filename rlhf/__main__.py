@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf import jobs
-from rlhf.settings import Settings, add_arguments, from_args
+from rlhf.settings import PROMPT_SOURCES, Settings, add_arguments, from_args
 
 
 def _progress_to_stderr(fraction: float, message: str) -> None:
@@ -62,8 +62,15 @@ def cmd_leaderboard(settings: Settings, args) -> dict:
 def cmd_export(settings: Settings, args) -> dict:
     from rlhf.export import preference_records, write_jsonl
 
+    from storage.votes import SOURCES
+
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    if not sources or set(sources) - set(SOURCES):
+        raise ValueError(f"--sources takes vote sources of {', '.join(SOURCES)}, got {args.sources!r}.")
     out = args.out or settings.exports_dir / "preferences.jsonl"
-    count = write_jsonl(preference_records(settings.store(), include_undecided=args.include_undecided), out)
+    records = preference_records(settings.store(), sources, include_undecided=args.include_undecided,
+                                 datasets=args.dataset)
+    count = write_jsonl(records, out)
     return {"path": str(Path(out).resolve()), "records": count}
 
 
@@ -98,6 +105,42 @@ def cmd_quality(settings: Settings, args) -> dict:
     if args.exclude_below_threshold:
         result["newly_excluded"] = quality.exclude_below_threshold(store, settings)
     return {**result, "annotators": quality.report(store, settings)}
+
+
+def cmd_prompts(settings: Settings, args) -> dict:
+    from rlhf import prompts as prompt_import
+    from storage import prompts
+
+    store = settings.store()
+    if args.action == "list":
+        return {"collections": prompts.collections(store.db),
+                "prompts": prompts.list_prompts(store.db, collection=args.collection,
+                                                sources=[args.source] if args.source else None)}
+    if args.action == "retire":
+        if args.target is None or not args.target.isdigit():
+            raise ValueError("prompts retire needs the prompt id (see `prompts list`).")
+        return {"prompt": prompts.retire_prompt(store.db, int(args.target))}
+    if args.hub_dataset_prompts:
+        rows = prompt_import.hub_prompt_rows(args.hub_dataset_prompts, args.split, args.column, settings.hub_token)
+        collection = args.collection or args.hub_dataset_prompts
+    elif args.target:
+        rows, collection = prompt_import.prompt_file_rows(Path(args.target)), args.collection or Path(args.target).stem
+    else:
+        raise ValueError("prompts add needs a FILE (.txt, .csv, .jsonl) or --hub-dataset-prompts owner/name.")
+    return prompt_import.import_prompts(store, settings, rows, collection)
+
+
+def cmd_preferences(settings: Settings, args) -> dict:
+    from rlhf import preferences
+    from storage import votes
+
+    store = settings.store()
+    if args.action == "list":
+        return {"datasets": votes.imported_datasets(store.db)}
+    if not args.source or not args.name:
+        raise ValueError("preferences import needs FILE_OR_HUB_ID and --name.")
+    rows = preferences.read_pairs(args.source, args.split, settings.hub_token)
+    return preferences.import_preferences(store, settings, rows, args.name, args.source)
 
 
 def _parse_value(text: str):
@@ -172,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "write human preferences as TRL-format JSON lines")
     export.add_argument("--out", type=Path, help="output file (default <data dir>/exports/preferences.jsonl)")
     export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")
+    export.add_argument("--sources", default="human", help="comma-separated vote sources to export, e.g. human,import (default human)")
+    export.add_argument("--dataset", action="append", help="with source import: only this imported data set (repeatable)")
     train = command("train", cmd_train, "run a training job to completion (the same job the Train tab queues)")
     train.add_argument("kind", choices=sorted(jobs.TRAINING_KINDS), help="what to train")
     train.add_argument("--base", type=int, help="base policy (or reward model) id")
@@ -191,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     push = command("push", cmd_push, "push a checkpoint and its model card (lineage, kind, data, metrics) to a Hub model repo")
     push.add_argument("--model", type=int, required=True, help="policy id (see `models`)")
     push.add_argument("--repo", required=True, help="model repo owner/name")
+    prompt_cmd = command("prompts", cmd_prompts, "add prompt collections (file or Hub dataset), list them, retire a prompt")
+    prompt_cmd.add_argument("action", choices=["add", "list", "retire"])
+    prompt_cmd.add_argument("target", nargs="?", help="add: a .txt (a prompt a line), .csv or .jsonl file with a `prompt` column; retire: the prompt id")
+    prompt_cmd.add_argument("--collection", help="the collection's name (add: default the file or dataset name; list: only this one)")
+    prompt_cmd.add_argument("--hub-dataset-prompts", metavar="OWNER/NAME", help="add from a Hub dataset (or a local dataset folder) instead of a file")
+    prompt_cmd.add_argument("--split", default="train", help="the dataset split (default train)")
+    prompt_cmd.add_argument("--column", default="prompt", help="the dataset column holding the prompts (default prompt)")
+    prompt_cmd.add_argument("--source", choices=PROMPT_SOURCES, help="list: only prompts of this source")
+    pref_cmd = command("preferences", cmd_preferences, "import a preference data set in TRL's format (prompt/chosen/rejected), or list the imported ones")
+    pref_cmd.add_argument("action", choices=["import", "list"])
+    pref_cmd.add_argument("source", nargs="?", metavar="FILE_OR_HUB_ID", help="a .jsonl file, a Hub dataset id or a local dataset folder")
+    pref_cmd.add_argument("--name", help="the data set's name (training can select it)")
+    pref_cmd.add_argument("--split", default="train", help="the dataset split (default train)")
     job_list = command("jobs", cmd_jobs, "list background jobs")
     job_list.add_argument("--limit", type=int, default=50)
     gold = command("gold", cmd_gold, "gold pairs (two stories of one prompt with a known answer) mixed into the arena")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from rlhf.pairing import draw_order, pair_weights
 from rlhf.quality import VoteRateLimiter
 from rlhf.settings import Settings
-from storage import annotators, completions, models, prompts, scores, votes
+from storage import annotators, completions, content, models, prompts, scores, votes
 from storage import jobs as job_rows
 from storage import quality as quality_rows
 from storage.db import Store
@@ -72,9 +72,11 @@ def sign_in_hub(store: Store, settings: Settings, username: str) -> dict:
 
 
 def next_pair(store: Store, annotator_id: int, rng: random.Random | None = None,
-              gold_rate: float = 0.0, prompt_sources: Sequence[str] | None = None) -> PairView | None:
+              gold_rate: float = 0.0, prompt_sources: Sequence[str] | None = None,
+              collections: Sequence[str] | None = None) -> PairView | None:
     """The most informative unseen pair for this annotator (see rlhf.pairing), or None;
-    only on prompts of `prompt_sources` when given (Settings.pair_prompt_sources).
+    only on prompts of `prompt_sources` and `collections` when given
+    (Settings.pair_prompt_sources, Settings.pair_prompt_collections).
 
     With probability gold_rate, an unseen gold pair (known answer) instead, if one is left.
     """
@@ -92,7 +94,7 @@ def next_pair(store: Store, annotator_id: int, rng: random.Random | None = None,
         return None
     weights = pair_weights(policies, votes.policy_pair_stats(db))
     for model_x, model_y in draw_order(weights, rng):
-        found = votes.find_unseen_pair(db, annotator_id, model_x, model_y, prompt_sources)
+        found = votes.find_unseen_pair(db, annotator_id, model_x, model_y, prompt_sources, collections)
         if found is None:
             continue
         sides = [(model_x, found["completion_x"]), (model_y, found["completion_y"])]
@@ -151,6 +153,21 @@ def submit_vote(
 
 def skip_pair(store: Store, annotator_id: int, view: PairView) -> None:
     votes.mark_seen(store.db, annotator_id, view.pair.completion_a, view.pair.completion_b)
+
+
+REPORT_TARGETS = ("prompt", "a", "b")
+
+
+def report_item(store: Store, settings: Settings, annotator_id: int, view: PairView, target: str) -> bool:
+    """An annotator reports the prompt or story A or B as unfit for children; the pair is then
+    skipped for them. Returns whether the item has left the arena for everyone (after
+    settings.reports_to_hide reports; a researcher's confirmation also does it)."""
+    if target not in REPORT_TARGETS:
+        raise ArenaError(f"Unknown report target {target!r}; expected one of {', '.join(REPORT_TARGETS)}.")
+    completion = {"prompt": None, "a": view.pair.completion_a, "b": view.pair.completion_b}[target]
+    hidden = content.add_report(store.db, annotator_id, view.pair.prompt_id, completion, settings.reports_to_hide)
+    skip_pair(store, annotator_id, view)
+    return hidden
 
 
 def undo_vote(store: Store, settings: Settings, annotator_id: int, vote_id: int) -> PairView | None:

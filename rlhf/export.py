@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from storage import votes
@@ -14,14 +14,16 @@ from storage.db import Store
 
 def preference_records(
     store: Store, sources: tuple[str, ...] = ("human",), include_undecided: bool = False,
-    min_annotators: int = 1,
+    min_annotators: int = 1, datasets: Sequence[str] | None = None,
 ) -> Iterator[dict]:
     """One record per decided vote; ties and both-bad are skipped, or kept with `label` set.
 
+    `sources` may include "import" (imported preference data sets), restricted to the named
+    `datasets` when given; records keep their source and data set name.
     min_annotators > 1 keeps only votes on story pairs that at least that many different
     annotators judged (any verdict), a guard against one person's idiosyncrasies.
     """
-    rows = votes.preference_rows(store.db, sources)
+    rows = votes.preference_rows(store.db, sources, datasets)
     if min_annotators > 1:
         rows = list(rows)
         judges: dict[frozenset, set] = defaultdict(set)
@@ -35,6 +37,8 @@ def preference_records(
         chosen, rejected = (row["text_b"], row["text_a"]) if row["choice"] == "b" else (row["text_a"], row["text_b"])
         record = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
                   "source": row["source"], "vote_id": row["id"]}
+        if row["dataset"] is not None:
+            record["dataset"] = row["dataset"]
         if row["confidence"] is not None:
             record["margin"] = row["confidence"]
         if not decided:

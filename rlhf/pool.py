@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from rlhf import safety
 from rlhf.dph import best_of, best_of_k, head_scorer
 from rlhf.generate import Decoding, generate_stories
 from rlhf.models import ModelLoadError, load_causal_lm, resolve_device
@@ -42,6 +43,7 @@ def fill_pool(
     done = 0
     skipped: dict[str, str] = {}
     step = settings.generation_batch_size
+    unsuitable = safety.ContentCheck(store)  # stories unfit for children are stored but never shown
     for start in range(0, len(prompt_ids), step):
         batch = prompt_ids[start:start + step]
         for policy in policies:
@@ -68,7 +70,7 @@ def fill_pool(
             for pid, story in zip(wanted, stories):
                 completions.add_completion(
                     db, pid, policy.id, story.text[: settings.max_story_chars],
-                    gen_params, story.tokens, story.ms,
+                    gen_params, story.tokens, story.ms, unsuitable(story.text),
                 )
             if after_batch is not None:
                 after_batch(policy.id)

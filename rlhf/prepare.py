@@ -5,6 +5,7 @@ Idempotent, so a restart (or `python -m rlhf init` twice) only does what is miss
 
 from __future__ import annotations
 
+from rlhf import safety
 from rlhf.models import build_tiny_starter, prepare_starter
 from rlhf.pool import Progress, fill_pool
 from rlhf.prompts import SEED_PROMPTS
@@ -28,6 +29,7 @@ def starter_policies(store: Store, settings: Settings, progress: Progress) -> li
     """Build or convert the starter once and register its policies; returns them."""
     db = store.db
     prompts.add_prompts(db, SEED_PROMPTS, source="seed")
+    screen_prompts(store)
     if settings.starter == "tiny":
         path = build_tiny_starter(settings.models_dir, SEED_PROMPTS)
     else:
@@ -39,6 +41,16 @@ def starter_policies(store: Store, settings: Settings, progress: Progress) -> li
             record = models.add_model(db, name, "starter", path=str(path), decoding=decoding)
         records.append(record)
     return records
+
+
+def screen_prompts(store: Store) -> dict[int, str]:
+    """Run the content check over the seed prompts not yet blocked (cheap: one classifier pass),
+    blocking those unfit for children; returns {prompt id: reason} of the newly blocked."""
+    unchecked = [p for p in prompts.list_prompts(store.db, sources=["seed"]) if p["blocked_reason"] is None]
+    verdicts = safety.ContentCheck(store).many([p["text"] for p in unchecked])
+    reasons = {p["id"]: reason for p, reason in zip(unchecked, verdicts) if reason}
+    prompts.block_prompts(store.db, reasons)
+    return reasons
 
 
 def prepare(store: Store, settings: Settings, progress: Progress) -> list[ModelRecord]:
@@ -57,13 +69,10 @@ def needs_prepare(store: Store, settings: Settings) -> bool:
     db = store.db
     if any(j["status"] in job_rows.ACTIVE for j in job_rows.list_jobs(db, limit=5, kind="prepare")):
         return False
-    target = prompts.prompt_count(db)
-    if target == 0:
+    if prompts.prompt_count(db) == 0:
         return True
-    target = min(target, settings.pool_prompts or target)
-    sizes = completions.pool_sizes(db)
     for name, _ in STARTER_POLICIES[settings.starter]:
         record = models.get_model_by_name(db, name)
-        if record is None or sizes.get(record.id, 0) < target:
+        if record is None or completions.prompts_without_completion(db, record.id, settings.pool_prompts):
             return True
     return False

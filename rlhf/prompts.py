@@ -1,4 +1,5 @@
-"""The arena's seed story prompts and the helpers that read required words back out of them.
+"""The arena's seed story prompts, researchers' own prompt collections, and the helpers that
+read required words back out of prompts.
 
 Duels need prompts before any user types one, and prompt-following must be scored without a
 human: prompts that end with `Use the words "x", "y" and "z".` carry their own check, which
@@ -11,6 +12,15 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from rlhf import safety
+from rlhf.records import ImportRejected, file_records, hub_records, lines, text_problem
+from rlhf.settings import Settings
+from storage import models
+from storage import prompts as prompt_rows
+from storage.db import Store
 
 _HANDWRITTEN = (
     "Write a short story in the form of a letter from a little turtle to a friend who lives "
@@ -203,3 +213,72 @@ def words_used(prompt: str, story: str) -> float:
         if re.search(rf"\b(?:{alternatives})\b", story, re.IGNORECASE):
             found += 1
     return found / len(words)
+
+
+# --- researchers' own prompts --------------------------------------------------------------
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,59}$")
+PROMPT_COLUMN = "prompt"
+
+
+def check_collection(name: str) -> str:
+    name = (name or "").strip()
+    if not COLLECTION_NAME.match(name):
+        raise ValueError("collection: 1-60 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit.")
+    return name
+
+
+def prompt_file_rows(path: Path) -> Iterable[tuple[str, object]]:
+    """(where, value) from a .txt file (a prompt a line) or a .csv/.jsonl file's `prompt` column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"file: {path} is not a file.")
+    if path.suffix.lower() == ".txt":
+        return lines(path.read_text(encoding="utf-8-sig", errors="replace"))
+    return ((where, row.get(PROMPT_COLUMN) if row is not None else None) for where, row in file_records(path))
+
+
+def hub_prompt_rows(dataset: str, split: str, column: str, token: str | None = None) -> Iterable[tuple[str, object]]:
+    """(where, value) from one column of a Hub dataset or a local dataset folder."""
+    for where, row in hub_records(dataset, split, token):
+        if column not in row:
+            raise ValueError(f"column: the dataset has no column {column!r} (it has {', '.join(row)}).")
+        yield where, row[column]
+
+
+def import_prompts(
+    store: Store, settings: Settings, rows: Iterable[tuple[str, object]], collection: str,
+    created_by: int | None = None,
+) -> dict:
+    """Add a batch of prompts as the named collection (source `user`), all or nothing.
+
+    Every row is checked first (text, not empty, at most settings.max_prompt_chars): any bad
+    row refuses the whole batch, naming each bad row. Prompts whose normalised text is
+    already stored are skipped and counted; texts that fail the content check (rlhf.safety)
+    are stored with their reason and never shown. Every active policy's pool is queued."""
+    collection = check_collection(collection)
+    texts, problems = [], []
+    for where, value in rows:
+        problem = text_problem(value, settings.max_prompt_chars)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        else:
+            texts.append(value.strip())
+    if problems:
+        raise ImportRejected(problems)
+    if not texts:
+        raise ValueError("prompts: there are no prompts to import.")
+    verdicts = safety.ContentCheck(store).many(texts)
+    stored = prompt_rows.add_prompt_batch(store.db, list(zip(texts, verdicts)), "user", collection)
+    from rlhf.policies import queue_pool  # loads torch: only when an import queues pools
+
+    added = set(stored["added"])
+    blocked = [p for p in prompt_rows.list_prompts(store.db, collection=collection)
+               if p["id"] in added and p["blocked_reason"]]
+    jobs = [queue_pool(store, settings, m.id, created_by)
+            for m in models.list_models(store.db, active_only=True)] if len(stored["added"]) > len(blocked) else []
+    return {
+        "collection": collection, "rows": len(texts), "added": len(stored["added"]),
+        "duplicates": stored["duplicates"], "ids": stored["added"],
+        "blocked": [{"id": p["id"], "reason": p["blocked_reason"]} for p in blocked], "generate_jobs": jobs,
+    }

@@ -41,6 +41,7 @@ QUALITY_FLAGS = {
     "gold_rate": (float, 0.0, 1.0, "share of pairs served as gold pairs (known answer) while unseen ones are left"),
     "min_gold_accuracy": (float, 0.0, 1.0, "annotators below this gold accuracy are flagged for exclusion"),
     "min_gold_votes": (int, 1, 100_000, "gold votes needed before an annotator can be flagged"),
+    "reports_to_hide": (int, 1, 100_000, "annotators' reports that take a prompt or story out of the arena before a researcher reviews it"),
 }
 ENV_VARS.update({name: f"STORY_ARENA_{name.upper()}" for name in QUALITY_FLAGS})
 
@@ -61,6 +62,7 @@ class Settings:
     hub_oauth: bool = False
     pool_prompts: int | None = None
     pair_prompt_sources: tuple[str, ...] | None = None  # prompt sources pairs are drawn from; None: all
+    pair_prompt_collections: tuple[str, ...] | None = None  # prompt collections pairs are drawn from; None: all
     generation_batch_size: int = 8
     max_new_tokens: int = 200
     undo_window_s: float = 30.0
@@ -74,6 +76,7 @@ class Settings:
     gold_rate: float = 0.1
     min_gold_accuracy: float = 0.7
     min_gold_votes: int = 5
+    reports_to_hide: int = 3
     metrics_corpus: Path | None = None  # stories (.txt or .jsonl) for each policy's held-out perplexity
 
     @property
@@ -116,6 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help=f"auto, cpu or cuda (env {ENV_VARS['device']})")
     parser.add_argument("--pool-prompts", type=int, help="how many prompts each starter policy pre-generates (default: all)")
     parser.add_argument("--pair-prompt-sources", help=f"comma-separated prompt sources the arena draws pairs from, of {', '.join(PROMPT_SOURCES)} (default: all)")
+    parser.add_argument("--pair-prompt-collections", help="comma-separated prompt collections (named imports) the arena draws pairs from (default: all prompts)")
     for name, (kind, _, _, text) in QUALITY_FLAGS.items():
         default = Settings.__dataclass_fields__[name].default
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (env {ENV_VARS[name]}; default {default})")
@@ -165,6 +169,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         hub_token=environ.get(ENV_VARS["hub_token"]) or None,
         pool_prompts=pool_prompts,
         pair_prompt_sources=pair_prompt_sources,
+        pair_prompt_collections=tuple(sorted(_name_set(getattr(args, "pair_prompt_collections", None) or ""))) or None,
         **_quality_settings(pick),
         metrics_corpus=Path(metrics_corpus).expanduser().resolve() if metrics_corpus else None,
     )

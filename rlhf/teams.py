@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
+from rlhf import safety
 from rlhf.params import check_choice, check_real, check_whole, given_params
 from rlhf.prompts import required_words
 from rlhf.settings import Settings
@@ -565,9 +566,11 @@ def evolve(
     initial: Sequence[str], executor, encoder: Encoder, instructor, budget: int, threshold: float,
     episodes_per_round: int = 8, steps_per_episode: int = 3, max_chars: int = 500, seed: int = 0,
     progress: Callable[[float, str], None] | None = None,
+    unsuitable: Callable[[str], str | None] = lambda text: None,
 ) -> Evolution:
     """Grow `initial` with evolved prompts until `budget` expert queries are spent (see the
-    module docstring); the instructor learns after every round."""
+    module docstring); the instructor learns after every round. A prompt `unsuitable` for
+    children (rlhf.safety) earns no reward and is not kept."""
     if not initial:
         raise ValueError("TeaMs-RL needs prompts to evolve; the prompt set is empty.")
     rng = random.Random(seed)
@@ -602,6 +605,8 @@ def evolve(
             for query, (c, x, action, log_prob, op, text, embedding) in enumerate(zip(
                     active, features, actions, log_probs, operations, outputs, new_embeddings), start=first_query):
                 verdict = judge(text, op, embedding, run.embeddings, known, threshold, max_chars)
+                if verdict.accepted and unsuitable(text):
+                    verdict = Judgement(False, "unsuitable", verdict.novelty, False, 0.0)
                 stats = run.operations[op]
                 stats["chosen"] += 1
                 stats["reward"] += verdict.reward
@@ -747,7 +752,7 @@ def train_teams(settings: Settings, params: dict, progress) -> None:
     run = evolve(
         [r["text"] for r in rows], executor, encoder, instructor, p.budget, p.threshold,
         p.episodes_per_round, p.steps_per_episode, settings.max_prompt_chars, p.seed,
-        lambda fraction, message: progress(0.05 + 0.85 * fraction, message),
+        lambda fraction, message: progress(0.05 + 0.85 * fraction, message), safety.ContentCheck(store),
     )
     progress(0.92, f"storing {len(run.evolved)} evolved prompts")
     ids = [r["id"] for r in rows]

@@ -12,10 +12,12 @@ from storage.codec import dumps
 def add_completion(
     db: Database, prompt_id: int, model_id: int, text: str,
     gen_params: dict | None = None, tokens: int | None = None, ms: float | None = None,
+    blocked_reason: str | None = None,
 ) -> int:
-    """Store a story and return its id; an existing story for the same (prompt, policy) is kept."""
+    """Store a story and return its id; an existing story for the same (prompt, policy) is kept.
+    A `blocked_reason` (failed content check) keeps the story out of the arena."""
     db["completions"].insert(
-        {"prompt_id": prompt_id, "model_id": model_id, "text": text,
+        {"prompt_id": prompt_id, "model_id": model_id, "text": text, "blocked_reason": blocked_reason,
          "gen_params": dumps(gen_params), "tokens": tokens, "ms": ms, "created_at": time.time()},
         ignore=True,
     )
@@ -26,13 +28,15 @@ def add_completion(
 
 
 def prompts_without_completion(db: Database, model_id: int, first: int | None = None) -> list[dict]:
-    """Prompts this policy has no story for yet, among the `first` seed and user prompts (all
-    when None) and every evolved ('teams') prompt: evolved prompts exist to be voted on, and
-    they come after the seed set, where a "first N" limit would silently leave them out."""
+    """Arena prompts this policy has no story for yet, among the `first` seed prompts (all
+    when None) and every evolved ('teams') and user prompt: those exist to be voted on, and
+    they come after the seed set, where a "first N" limit would silently leave them out.
+    Retired and blocked prompts, and those of imported preference data, get no stories."""
     return [dict(r) for r in db.query(
         "SELECT p.id, p.text FROM prompts p"
-        " WHERE (p.source = 'teams'"
-        "   OR p.id IN (SELECT id FROM prompts WHERE source != 'teams' ORDER BY id LIMIT ?))"
+        " WHERE (p.source IN ('teams', 'user')"
+        "   OR p.id IN (SELECT id FROM prompts WHERE source = 'seed' ORDER BY id LIMIT ?))"
+        " AND p.retired_at IS NULL AND p.blocked_reason IS NULL"
         " AND NOT EXISTS (SELECT 1 FROM completions c WHERE c.prompt_id = p.id AND c.model_id = ?)"
         " ORDER BY p.id",
         [-1 if first is None else first, model_id],
@@ -40,11 +44,12 @@ def prompts_without_completion(db: Database, model_id: int, first: int | None = 
 
 
 def completions_for_prompt(db: Database, prompt_id: int) -> list[dict]:
-    """Every policy's story for one prompt, with the policy's name."""
+    """Every policy's story for one prompt, with the policy's name; stories kept out of the
+    arena (blocked) and those of imported data (external writers) are left out."""
     return list(db.query(
         "SELECT c.id, c.model_id, m.name AS model_name, c.text, c.tokens, c.ms"
-        " FROM completions c JOIN models m ON m.id = c.model_id"
-        " WHERE c.prompt_id = ? ORDER BY c.model_id",
+        " FROM completions c JOIN models m ON m.id = c.model_id AND m.kind != 'external'"
+        " WHERE c.prompt_id = ? AND c.blocked_reason IS NULL ORDER BY c.model_id",
         [prompt_id],
     ))
 
@@ -63,10 +68,13 @@ def pool_sizes(db: Database) -> dict[int, int]:
 
 
 def prompts_with_completions(db: Database, min_policies: int = 1) -> list[dict]:
-    """Prompts that have stories from at least `min_policies` policies."""
+    """Prompts that have stories from at least `min_policies` policies (blocked prompts and
+    stories, and imported data, left out)."""
     return list(db.query(
         "SELECT p.id, p.text, count(c.id) AS stories FROM prompts p"
-        " JOIN completions c ON c.prompt_id = p.id GROUP BY p.id"
+        " JOIN completions c ON c.prompt_id = p.id AND c.blocked_reason IS NULL"
+        " JOIN models m ON m.id = c.model_id AND m.kind != 'external'"
+        " WHERE p.blocked_reason IS NULL GROUP BY p.id"
         " HAVING count(c.id) >= ? ORDER BY p.id",
         [min_policies],
     ))

@@ -9,7 +9,9 @@ from sqlite_utils import Database
 
 from storage.codec import dumps, loads
 
-KINDS = ("starter", "pretrain", "sft", "reward", "rloo", "dpo", "dph", "hub", "local")
+# external: the writer of one side of an imported preference data set; it has no weights,
+# is never active, and list_models leaves it out unless asked.
+KINDS = ("starter", "pretrain", "sft", "reward", "rloo", "dpo", "dph", "hub", "local", "external")
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,12 @@ def get_model_by_name(db: Database, name: str) -> ModelRecord | None:
     return ModelRecord.from_row(rows[0]) if rows else None
 
 
-def list_models(db: Database, active_only: bool = False) -> list[ModelRecord]:
-    where = "active = 1" if active_only else None
-    return [ModelRecord.from_row(r) for r in db["models"].rows_where(where, order_by="id")]
+def list_models(db: Database, active_only: bool = False, external: bool = False) -> list[ModelRecord]:
+    """Policies in id order; the `external` writers of imported data only when asked."""
+    where = ["active = 1"] if active_only else []
+    if not external:
+        where.append("kind != 'external'")
+    return [ModelRecord.from_row(r) for r in db["models"].rows_where(" AND ".join(where) or None, order_by="id")]
 
 
 def set_active(db: Database, model_id: int, active: bool) -> ModelRecord:

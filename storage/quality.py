@@ -54,12 +54,14 @@ def list_gold_pairs(db: Database) -> list[dict]:
 
 
 def unseen_gold_pair(db: Database, annotator_id: int) -> dict | None:
-    """A random gold pair this annotator has neither voted on nor skipped (gold_pairs is small)."""
+    """A random gold pair this annotator has neither voted on nor skipped (gold_pairs is small),
+    leaving out retired or blocked prompts and blocked stories, as for every pair."""
     row = db.execute(
         "SELECT g.id, clo.prompt_id, g.completion_lo, clo.model_id, g.completion_hi, chi.model_id"
         " FROM gold_pairs g JOIN completions clo ON clo.id = g.completion_lo"
         " JOIN completions chi ON chi.id = g.completion_hi"
-        " WHERE NOT EXISTS (SELECT 1 FROM seen_pairs s WHERE s.annotator_id = ?"
+        " JOIN prompts p ON p.id = clo.prompt_id AND p.retired_at IS NULL AND p.blocked_reason IS NULL"
+        " WHERE clo.blocked_reason IS NULL AND chi.blocked_reason IS NULL AND NOT EXISTS (SELECT 1 FROM seen_pairs s WHERE s.annotator_id = ?"
         "   AND s.completion_lo = g.completion_lo AND s.completion_hi = g.completion_hi)"
         " ORDER BY random() LIMIT 1",
         [annotator_id],

@@ -231,3 +231,52 @@ def m005_quality_controls(db: Database) -> None:
     db["votes"].add_column("gold_id", int)
     db["annotators"].add_column("excluded_at", float)
     db["annotators"].add_column("excluded_reason", str)
+
+
+# Seeded once into content_themes by m012; researchers edit the stored list afterwards.
+_DEFAULT_UNSUITABLE_THEMES = (
+    "corpse", "corpses", "dead body", "dead bodies", "gore", "gory", "blood-soaked", "murder",
+    "murdered", "murderer", "suicide", "self-harm", "torture", "tortured", "behead", "beheaded",
+    "dismember", "dismembered", "massacre", "rape", "sex", "sexual", "sexy", "nude", "porn",
+    "drugs", "cocaine", "heroin", "meth", "overdose", "drunk", "cigarette", "stab", "stabbed",
+)
+
+
+@MIGRATIONS()
+def m012_collections_imports_and_content_checks(db: Database) -> None:
+    """Prompt collections, retired prompts, imported preference data and content checks.
+
+    prompts.collection: the named import a user prompt came from; prompts.normalized: its
+    text lower-cased with punctuation and spacing removed, so near-duplicates are skipped;
+    prompts.retired_at: left the arena (votes kept). prompts/completions.blocked_reason: why
+    a text is kept out of the arena (content check or confirmed reports). votes.dataset: the
+    data set an `import` vote came from. content_themes: whole-word patterns unfit for young
+    children. reports: annotators' reports of a prompt or story, reviewed by researchers.
+    Plain ALTER TABLE columns, no foreign keys: votes must not be rebuilt (its triggers).
+    """
+    db["prompts"].add_column("collection", str)
+    db["prompts"].add_column("normalized", str)
+    db["prompts"].add_column("retired_at", float)
+    db["prompts"].add_column("blocked_reason", str)
+    from storage.prompts import normalized_text
+
+    db["prompts"].create_index(["normalized"])
+    for row in db.query("SELECT id, text FROM prompts"):
+        db["prompts"].update(row["id"], {"normalized": normalized_text(row["text"])})
+    db["prompts"].create_index(["collection"])
+    db["completions"].add_column("blocked_reason", str)
+    db["votes"].add_column("dataset", str)
+    db["votes"].create_index(["dataset"])
+    db["content_themes"].create({"phrase": str, "created_at": float}, pk="phrase")
+    db["content_themes"].insert_all({"phrase": phrase, "created_at": 0.0} for phrase in _DEFAULT_UNSUITABLE_THEMES)
+    db["reports"].create(
+        {"id": int, "annotator_id": int, "prompt_id": int, "completion_id": int, "created_at": float,
+         "status": str, "reviewed_by": int, "reviewed_at": float},
+        pk="id",
+        not_null={"prompt_id", "status"},
+        defaults={"status": "open"},
+        foreign_keys=[("annotator_id", "annotators", "id"), ("prompt_id", "prompts", "id"),
+                      ("completion_id", "completions", "id"), ("reviewed_by", "annotators", "id")],
+    )
+    db["reports"].create_index(["annotator_id", "prompt_id", "completion_id"], unique=True)
+    db["reports"].create_index(["status"])

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlite_utils import Database
 
+from storage import completions, models, prompts
 from storage.db import write_transaction
 
 CHOICES = ("a", "b", "tie", "both_bad")
-SOURCES = ("human", "weak", "simulated", "gold")
+# import: pairs of an imported preference data set (votes.dataset names it); like weak and
+# gold votes they count in no human statistic, only in training data that asks for them.
+SOURCES = ("human", "weak", "simulated", "gold", "import")
 
 
 def not_excluded(alias: str) -> str:
@@ -106,24 +110,28 @@ def policy_pair_stats(db: Database) -> list[dict]:
 
 def find_unseen_pair(
     db: Database, annotator_id: int, model_x: int, model_y: int, prompt_sources: Sequence[str] | None = None,
+    collections: Sequence[str] | None = None,
 ) -> dict | None:
     """A random prompt where both policies have stories this annotator has not judged together,
-    among prompts of `prompt_sources` only when given (seed, user, teams)."""
-    sources = list(prompt_sources or [])
+    among prompts of `prompt_sources` (seed, user, teams) and of `collections` only when given.
+    Retired and blocked prompts and blocked stories are never served."""
+    sources, chosen = list(prompt_sources or []), list(collections or [])
     # the prompt's row is found by its primary key: no scan, whatever the filter
-    source_join = (
-        " JOIN prompts p ON p.id = cx.prompt_id AND p.source IN (" + ", ".join("?" for _ in sources) + ")"
-        if sources else ""
-    )
+    prompt_filter = "".join((
+        f" AND p.source IN ({', '.join('?' for _ in sources)})" if sources else "",
+        f" AND p.collection IN ({', '.join('?' for _ in chosen)})" if chosen else "",
+    ))
     row = db.execute(
         "SELECT cx.prompt_id, cx.id AS completion_x, cy.id AS completion_y"
         " FROM completions cx JOIN completions cy"
-        f"   ON cy.prompt_id = cx.prompt_id AND cy.model_id = ?{source_join}"
-        " WHERE cx.model_id = ? AND NOT EXISTS ("
+        "   ON cy.prompt_id = cx.prompt_id AND cy.model_id = ?"
+        " JOIN prompts p ON p.id = cx.prompt_id AND p.retired_at IS NULL AND p.blocked_reason IS NULL"
+        f"{prompt_filter}"
+        " WHERE cx.model_id = ? AND cx.blocked_reason IS NULL AND cy.blocked_reason IS NULL AND NOT EXISTS ("
         "   SELECT 1 FROM seen_pairs s WHERE s.annotator_id = ?"
         "   AND s.completion_lo = min(cx.id, cy.id) AND s.completion_hi = max(cx.id, cy.id))"
         " ORDER BY random() LIMIT 1",
-        [model_y, *sources, model_x, annotator_id],
+        [model_y, *sources, *chosen, model_x, annotator_id],
     ).fetchone()
     if row is None:
         return None
@@ -162,19 +170,82 @@ def votes_per_source(db: Database) -> list[dict]:
     ))
 
 
-def preference_rows(db: Database, sources: tuple[str, ...] = ("human",)) -> Iterator[dict]:
-    """Every vote with its prompt and both stories, for training data (excluded annotators left out)."""
+def preference_rows(
+    db: Database, sources: tuple[str, ...] = ("human",), datasets: Sequence[str] | None = None,
+) -> Iterator[dict]:
+    """Every vote with its prompt and both stories, for training data (excluded annotators left
+    out); `import` votes only of the named `datasets` when given."""
     marks = ", ".join("?" for _ in sources)
+    named = list(datasets or [])
+    dataset_filter = (
+        f" AND (v.source != 'import' OR v.dataset IN ({', '.join('?' for _ in named)}))" if named else ""
+    )
     yield from db.query(
-        "SELECT v.id, v.choice, v.source, v.confidence, v.annotator_id, v.rationale,"
+        "SELECT v.id, v.choice, v.source, v.dataset, v.confidence, v.annotator_id, v.rationale,"
         " v.completion_a, v.completion_b, p.text AS prompt, ca.text AS text_a, cb.text AS text_b,"
         " v.model_a, v.model_b"
         " FROM votes v JOIN prompts p ON p.id = v.prompt_id"
         " JOIN completions ca ON ca.id = v.completion_a"
         " JOIN completions cb ON cb.id = v.completion_b"
-        f" WHERE v.source IN ({marks}) AND {not_excluded('v')} ORDER BY v.id",
-        list(sources),
+        f" WHERE v.source IN ({marks}){dataset_filter} AND {not_excluded('v')} ORDER BY v.id",
+        [*sources, *named],
     )
+
+
+@dataclass(frozen=True)
+class ImportedPair:
+    """One preference pair of an imported data set; blocked reasons come from the content check."""
+    prompt: str
+    chosen: str
+    rejected: str
+    blocked_prompt: str | None = None
+    blocked_chosen: str | None = None
+    blocked_rejected: str | None = None
+
+
+def import_pairs(db: Database, dataset: str, origin: str, pairs: Sequence[ImportedPair]) -> dict:
+    """Store a preference data set in one transaction: prompts (source `import` unless already
+    stored), each side's story as a completion of an `external` policy, and one vote per pair
+    (source `import`, choice `a`: the chosen story is side A).
+
+    A policy has one story per prompt, so a prompt's k-th pair goes to the k-th pair of
+    external policies ("NAME-a", "NAME-b", then "NAME-a2", "NAME-b2", ...)."""
+    now = time.time()
+    with write_transaction(db):
+        if db.execute("SELECT 1 FROM votes WHERE dataset = ? LIMIT 1", [dataset]).fetchone():
+            raise ValueError(f"A data set named {dataset!r} is already imported: choose another --name.")
+        sides: list[tuple[int, int]] = []
+        occurrences: dict[int, int] = defaultdict(int)
+        for number, pair in enumerate(pairs):
+            prompt_id = prompts.prompt_id_for(db, pair.prompt, "import", dataset, pair.blocked_prompt)
+            k = occurrences[prompt_id]
+            occurrences[prompt_id] += 1
+            if k == len(sides):
+                suffix = str(k + 1) if k else ""
+                sides.append(tuple(
+                    models.add_model(db, f"{dataset}-{side}{suffix}", "external", hub_id=origin, active=False).id
+                    for side in ("a", "b")
+                ))
+            model_a, model_b = sides[k]
+            completion_a = completions.add_completion(db, prompt_id, model_a, pair.chosen, blocked_reason=pair.blocked_chosen)
+            completion_b = completions.add_completion(db, prompt_id, model_b, pair.rejected, blocked_reason=pair.blocked_rejected)
+            db["votes"].insert({
+                "prompt_id": prompt_id, "completion_a": completion_a, "completion_b": completion_b,
+                "model_a": model_a, "model_b": model_b, "annotator_id": None, "choice": "a",
+                "voted_at": now, "source": "import", "dataset": dataset, "client_key": f"import:{dataset}:{number}",
+            })
+    return {"dataset": dataset, "pairs": len(pairs), "policies": len(sides) * 2,
+            "prompts": len(occurrences), "blocked_texts": sum(
+                (p.blocked_prompt is not None) + (p.blocked_chosen is not None) + (p.blocked_rejected is not None)
+                for p in pairs)}
+
+
+def imported_datasets(db: Database) -> list[dict]:
+    """Imported preference data sets with their pair counts."""
+    return list(db.query(
+        "SELECT dataset, count(*) AS pairs, min(voted_at) AS imported_at FROM votes"
+        " WHERE source = 'import' GROUP BY dataset ORDER BY imported_at"
+    ))
 
 
 def human_vote_total(db: Database) -> int:

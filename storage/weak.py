@@ -22,7 +22,8 @@ _HUMAN_VOTE_ON_PAIR = (
 
 def pool_pairs(db: Database) -> list[dict]:
     """Every pair of stories two policies wrote for the same prompt (A: the lower completion
-    id), with its prompt and texts and whether people voted on it."""
+    id), with its prompt and texts and whether people voted on it. The `external` writers of
+    imported preference data are left out: their pairs already carry a label."""
     human = _HUMAN_VOTE_ON_PAIR.format(a="ca", b="cb")
     return [dict(r) for r in db.query(
         "SELECT ca.prompt_id, ca.id AS completion_a, cb.id AS completion_b,"
@@ -31,6 +32,7 @@ def pool_pairs(db: Database) -> list[dict]:
         " FROM completions ca JOIN completions cb"
         "   ON cb.prompt_id = ca.prompt_id AND cb.id > ca.id AND cb.model_id != ca.model_id"
         " JOIN prompts p ON p.id = ca.prompt_id"
+        " WHERE NOT EXISTS (SELECT 1 FROM models m WHERE m.id IN (ca.model_id, cb.model_id) AND m.kind = 'external')"
         " ORDER BY ca.id, cb.id"
     )]
 

@@ -51,7 +51,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             with gr.Tab("Compare", id="compare") as compare_tab:
                 load_prompts, prompt_picker = build_compare_tab(store)
             with gr.Tab("Prompts", id="prompts") as prompts_tab:
-                show_prompts, prompt_source, prompt_table = build_prompts_tab(store)
+                show_prompts, prompt_source, prompt_table, prompt_tools = build_prompts_tab(settings, store, session)
             with gr.Tab("Models", id="models") as models_tab:
                 load_models, models_table, model_tools = build_models_tab(settings, store, session)
             with gr.Tab("Data", id="data"):
@@ -60,7 +60,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
                 load_bases, base_picker, train_tools = build_train_tab(settings, store, session)
             with gr.Tab("Jobs", id="jobs") as jobs_tab:
                 load_jobs, jobs_table, job_tools = build_jobs_tab(settings, store, session)
-        researcher_groups = [model_tools, data_tools, train_tools, job_tools]
+        researcher_groups = [model_tools, data_tools, train_tools, job_tools, prompt_tools]
 
         def signed_in(who):
             researcher = who["role"] in ("researcher", "admin")

@@ -17,6 +17,7 @@ from ui.common import require_signed_in, story_html
 
 CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 SHORTCUTS = {"a": "1", "b": "2", "tie": "3", "both_bad": "4"}
+REPORT_LABELS = {"prompt": ("Report prompt", "P"), "a": ("Report story A", "Z"), "b": ("Report story B", "X")}
 
 # Keyboard shortcuts click the buttons, so a key press takes exactly the path of a click.
 KEYBOARD_JS = """
@@ -25,7 +26,8 @@ document.addEventListener('keydown', (event) => {
   const target = event.target;
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (target && (target.tagName === 'TEXTAREA' || target.tagName === 'INPUT' || target.isContentEditable)) return;
-  const ids = {'1': 'vote-a', '2': 'vote-b', '3': 'vote-tie', '4': 'vote-both_bad', 's': 'skip-pair', 'u': 'undo-vote'};
+  const ids = {'1': 'vote-a', '2': 'vote-b', '3': 'vote-tie', '4': 'vote-both_bad', 's': 'skip-pair', 'u': 'undo-vote',
+               'p': 'report-prompt', 'z': 'report-a', 'x': 'report-b'};
   const id = ids[event.key.toLowerCase()];
   const button = id && document.getElementById(id);
   if (button && !button.disabled) { event.preventDefault(); button.click(); }
@@ -36,7 +38,8 @@ document.addEventListener('keydown', (event) => {
 HELP = (
     "Read the prompt and both stories, then choose. **Keys:** `1` A is better · `2` B is better · "
     "`3` tie · `4` both bad · `S` skip · `U` undo the last vote (within {undo:.0f} s). "
-    "The policies' names are shown after you vote."
+    "The policies' names are shown after you vote. Not fit for a young child? Report it: "
+    "`P` the prompt · `Z` story A · `X` story B."
 )
 
 
@@ -56,6 +59,9 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
         buttons = {c: gr.Button(f"{label} ({SHORTCUTS[c]})", elem_id=f"vote-{c}", variant="primary" if c in "ab" else "secondary")
                    for c, label in CHOICE_LABELS.items()}
         skip = gr.Button("Skip (S)", elem_id="skip-pair")
+    with gr.Row():
+        reports = {t: gr.Button(f"{label} ({key})", elem_id=f"report-{t}", size="sm")
+                   for t, (label, key) in REPORT_LABELS.items()}
     rationale = gr.Textbox(label="Why? (optional)", max_lines=4, max_length=settings.max_rationale_chars, elem_id="rationale")
     with gr.Row():
         reveal = gr.HTML(elem_id="reveal")
@@ -82,10 +88,14 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
             view, view.client_key, gr.Timer(active=False),
         )
 
+    def next_for(who: dict) -> arena.PairView | None:
+        return arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources,
+                               collections=settings.pair_prompt_collections)
+
     def load_pair(who: dict | None, current: arena.PairView | None):
         if current is not None:
             return show(current, who)
-        return show(arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources) if who else None, who)
+        return show(next_for(who) if who else None, who)
 
     def poll_for_pair(who: dict | None, current: arena.PairView | None):
         if who is None or current is not None:
@@ -109,14 +119,25 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
                 f"You chose <b>{CHOICE_LABELS[choice]}</b>. A was <b>{html.escape(current.name_a)}</b>, "
                 f"B was <b>{html.escape(current.name_b)}</b>."
             )
-            return (*show(arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources), who), "", revealed, (vote_id, time.time()))
+            return (*show(next_for(who), who), "", revealed, (vote_id, time.time()))
         return vote
 
     def skip_pair(who, current):
         who = require_signed_in(who)
         if current is not None:
             arena.skip_pair(store, who["id"], current)
-        return (*show(arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources), who), "Skipped.")
+        return (*show(next_for(who), who), "Skipped.")
+
+    def make_report(target: str):
+        def report(who, current):
+            who = require_signed_in(who)
+            if current is None:
+                raise gr.Error("There is no pair on screen to report.")
+            hidden = arena.report_item(store, settings, who["id"], current, target)
+            what = REPORT_LABELS[target][0].removeprefix("Report ")
+            note = " It has left the arena." if hidden else " A researcher will review it."
+            return (*show(next_for(who), who), f"Thank you: you reported the {what}.{note}")
+        return report
 
     def undo_last(who, previous):
         who = require_signed_in(who)
@@ -131,6 +152,9 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
             [*outputs, rationale, reveal, last_vote], api_name=f"vote_{choice}", trigger_mode="once",
         )
     skip.click(skip_pair, [session, pair_state], [*outputs, reveal], api_name="skip", trigger_mode="once")
+    for target, button in reports.items():
+        button.click(make_report(target), [session, pair_state], [*outputs, reveal], api_name=f"report_{target}",
+                     trigger_mode="once")
     undo.click(undo_last, [session, last_vote], [*outputs, reveal, last_vote], api_name="undo", trigger_mode="once")
     poll.tick(poll_for_pair, [session, pair_state], outputs, api_visibility="private", show_progress="hidden")
     return {"load_pair": load_pair, "outputs": outputs}

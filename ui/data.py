@@ -6,19 +6,19 @@ from __future__ import annotations
 
 import html
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from rlhf import hub, quality
+from rlhf import hub, preferences, quality, safety
 from rlhf.export import preference_records, write_jsonl
 from rlhf.settings import Settings
 from rlhf.weak import WeakParams, label_pool
+from storage import content, scores, votes
 from storage import quality as quality_rows
-from storage import scores, votes
 from storage.db import Store
 from ui.common import require_researcher
-
 
 WEAK_COLUMNS = ["lf", "rule", "coverage", "overlap", "conflict", "human_pairs", "accuracy"]
 
@@ -59,6 +59,8 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
             weak_table = gr.Dataframe(label="Labeling functions: coverage, overlap and conflict on the pool pairs; "
                                             "accuracy on the decided human votes each one voted on", interactive=False)
         build_quality_block(settings, store, session)
+        build_imports_block(settings, store, session)
+        build_content_block(store, session)
     refresh = gr.Button("Refresh", size="sm")
 
     def counts(who):
@@ -197,3 +199,107 @@ def build_quality_block(settings: Settings, store: Store, session: gr.State) -> 
     include.click(set_excluded(False), [session, name], outputs, api_name="include_annotator")
     exclude_flagged.click(exclude_below, session, outputs, api_name="exclude_flagged")
     add.click(add_gold, [session, prompt_id, better, worse], outputs, api_name="add_gold_pair")
+
+
+# --- Imported preference data sets (researchers) ---------------------------------------------
+
+def datasets_html(rows: list[dict]) -> str:
+    body = "".join(f"<tr><td>{html.escape(r['dataset'])}</td><td>{r['pairs']}</td>"
+                   f"<td>{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['imported_at']))}</td></tr>" for r in rows)
+    return f'<table class="jobs"><tr><th>data set</th><th>pairs</th><th>imported</th></tr>{body}</table>'
+
+
+def build_imports_block(settings: Settings, store: Store, session: gr.State) -> None:
+    """Upload a TRL-format preference data set (.jsonl) or name a Hub dataset / local folder."""
+    with gr.Accordion("Import preference data (TRL format)", open=False):
+        gr.Markdown("Rows with `prompt`, `chosen`, `rejected` (texts, or lists of {role, content} messages). "
+                    "Stored as votes with source `import` under the data set's name: never on the leaderboard "
+                    "or in annotator statistics; training uses them only when asked. A batch with a bad row is "
+                    "refused whole.")
+        with gr.Row():
+            name = gr.Textbox(label="Data set name", max_length=40, elem_id="pref-name")
+            upload = gr.File(label=".jsonl file", file_types=[".jsonl"], elem_id="pref-file")
+        with gr.Row():
+            hub_id = gr.Textbox(label="or a Hub dataset id / local dataset folder", max_length=300)
+            split = gr.Textbox(label="Split", value="train", max_length=60)
+        run = gr.Button("Import preferences", variant="primary", elem_id="pref-import")
+        result = gr.HTML(elem_id="pref-import-result")
+
+    def import_data(who, dataset_name, file, source, split_name):
+        require_researcher(who)
+        origin = str(file) if file is not None else (source or "").strip()
+        if not origin:
+            raise gr.Error("Upload a .jsonl file or give a Hub dataset id.")
+        try:
+            rows = preferences.read_pairs(origin, (split_name or "train").strip(), settings.hub_token)
+            done = preferences.import_preferences(store, settings, rows, dataset_name,
+                                                  Path(origin).name if file is not None else origin)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return (f"<p>Imported <b>{html.escape(done['dataset'])}</b>: {done['pairs']} pairs on {done['prompts']} prompts "
+                f"({done['blocked_texts']} texts flagged by the content check).</p>"
+                + datasets_html(votes.imported_datasets(store.db)))
+
+    run.click(import_data, [session, name, upload, hub_id, split], result, api_name="import_preferences",
+              trigger_mode="once")
+
+
+# --- Content fit for children: the theme list and annotators' reports (researchers) -----------
+
+def reports_html(rows: list[dict]) -> str:
+    body = "".join(
+        f"<tr><td>{r['report_id']}</td><td>{'story #' + str(r['completion_id']) if r['completion_id'] else 'prompt'}"
+        f" (prompt #{r['prompt_id']})</td><td>{r['reports']}</td><td>{html.escape(r['blocked_reason'] or 'in the arena')}</td>"
+        f"<td>{html.escape(r['text'][:300])}</td></tr>"
+        for r in rows
+    )
+    if not body:
+        return "<p>No open reports.</p>"
+    return ('<table class="jobs"><tr><th>report</th><th>item</th><th>reports</th><th>status</th><th>text</th></tr>'
+            f"{body}</table>")
+
+
+def build_content_block(store: Store, session: gr.State) -> None:
+    """Themes unfit for young children (whole words or phrases, one a line), and the reports
+    annotators made, to confirm (the item leaves the arena) or dismiss."""
+    with gr.Accordion("Content fit for children: themes and reports", open=False):
+        gr.Markdown("Texts mentioning a theme below (whole words, any case), or that the offensive-language "
+                    "classifier flags, are kept out of the arena with the reason stored. The list applies to "
+                    "texts checked from now on.")
+        load = gr.Button("Show themes and reports")
+        themes = gr.Textbox(label="Unsuitable themes, one a line", lines=8, elem_id="content-themes")
+        save = gr.Button("Save themes")
+        reports = gr.HTML(elem_id="content-reports")
+        with gr.Row():
+            report_id = gr.Number(label="Report id", precision=0)
+            confirm = gr.Button("Confirm (leaves the arena)")
+            dismiss = gr.Button("Dismiss (back in the arena)")
+        message = gr.Markdown()
+
+    def shown(who, note: str = ""):
+        require_researcher(who)
+        return "\n".join(content.themes(store.db)), reports_html(content.open_reports(store.db)), note
+
+    def save_themes(who, text):
+        require_researcher(who)
+        try:
+            saved = safety.save_themes(store, text)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        return shown(who, f"Saved {len(saved)} themes.")
+
+    def reviewer(confirmed: bool):
+        def act(who, number):
+            who = require_researcher(who)
+            try:
+                content.review(store.db, int(number), confirmed, who["id"])
+            except (LookupError, TypeError, ValueError):
+                raise gr.Error(f"No report with id {number}.") from None
+            return shown(who, f"Report {int(number)} {'confirmed' if confirmed else 'dismissed'}.")
+        return act
+
+    outputs = [themes, reports, message]
+    load.click(shown, session, outputs, api_name="content_review")
+    save.click(save_themes, [session, themes], outputs, api_name="save_themes")
+    confirm.click(reviewer(True), [session, report_id], outputs, api_name="confirm_report")
+    dismiss.click(reviewer(False), [session, report_id], outputs, api_name="dismiss_report")
