@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 
 from rlhf import jobs
 from rlhf.jobs import HEAVY, LIGHT, JobWorker, job_lane
+from rlhf.progress import JobProgress
 from rlhf.settings import add_arguments, from_args
 from rlhf.pool import fill_pool
 from storage import completions, models
 from storage import jobs as job_rows
 from tests.app_server import wait_for
 from tests.conftest import clean_env
+from ui.train import CURVE_HEIGHT, CURVE_MAX_POINTS, CURVE_WIDTH, jobs_html
 
 JOB_TIMEOUT_S = 120  # a job process pays torch + transformers imports: slow on a busy 2-core box
 
@@ -273,3 +276,24 @@ def test_each_stored_batch_is_handed_on_at_once(arena_dir):
                         after_batch=lambda model_id: seen.append((model_id, stored())))
     assert written == 4
     assert seen == [(policy.id, before + 2), (policy.id, before + 4)]
+
+
+def test_the_jobs_table_plots_each_jobs_curve(arena_dir):
+    """Every row draws its job's logged curve (loss; reward for RLOO); no curve, no plot."""
+    settings, store = arena_dir
+    db = store.db
+    dpo, rloo, pool = (job_rows.create_job(db, kind, {}) for kind in ("dpo", "rloo", "generate"))
+    for step in range(1, 501):
+        JobProgress(settings, dpo).log_metrics(step, {"loss": 1 / step})
+    JobProgress(settings, dpo).log_metrics(501, {"loss": float("nan")})  # a diverged step is left out
+    for step, reward in ((1, -0.5), (2, 0.25)):
+        JobProgress(settings, rloo).log_metrics(step, {"loss": 0.0, "reward": reward})
+
+    rows = {int(row.split("</td>", 1)[0]): row for row in jobs_html(settings, store).split("<tr><td>")[1:]}
+    assert "<svg" not in rows[pool]
+    assert "loss: 1 at step 1 to 0.002 at step 500" in rows[dpo]
+    assert "reward: -0.5 at step 1 to 0.25 at step 2" in rows[rloo]
+    dpo_line = re.search(r'points="([^"]+)"', rows[dpo]).group(1).split()
+    assert len(dpo_line) <= CURVE_MAX_POINTS + 1
+    assert dpo_line[0] == "0.0,0.0" and dpo_line[-1] == f"{CURVE_WIDTH:.1f},{CURVE_HEIGHT:.1f}"  # falls
+    assert re.search(r'points="0.0,36.0 160.0,0.0"', rows[rloo])  # rises
