@@ -22,7 +22,7 @@ from pathlib import Path
 from rlhf import arena
 from storage import annotators
 from storage.db import Store
-from tests.app_server import running_app
+from bench.app_server import running_app
 
 POLL_S = 0.5
 

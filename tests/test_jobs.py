@@ -19,7 +19,7 @@ from rlhf.settings import add_arguments, from_args
 from rlhf.pool import fill_pool
 from storage import completions, models
 from storage import jobs as job_rows
-from tests.app_server import wait_for
+from bench.app_server import wait_for
 from tests.conftest import clean_env
 from ui.train import CURVE_HEIGHT, CURVE_MAX_POINTS, CURVE_WIDTH, jobs_html
 
