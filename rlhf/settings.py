@@ -125,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admins", help=f"comma-separated Hugging Face usernames with the admin role when signed in with Hugging Face (env {ENV_VARS['admins']})")
     parser.add_argument("--hub-dataset", help=f"Hub dataset repo (owner/name) the preferences are published to (env {ENV_VARS['hub_dataset']})")
     parser.add_argument("--hub-publish-minutes", type=float, help=f"publish the preferences every N minutes; 0 = only on demand (env {ENV_VARS['hub_publish_minutes']})")
-    parser.add_argument("--light-jobs", type=int, help=f"light jobs (publish, push, story pools, prepare) run at once beside the one training job (env {ENV_VARS['light_jobs']}; default 1)")
+    parser.add_argument("--light-jobs", type=int, help=(
+        "light jobs (publish, push, story pools, prepare) run at once beside the one training job "
+        f"(env {ENV_VARS['light_jobs']}; default 1)"))
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:

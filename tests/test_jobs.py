@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from bench.app_server import wait_for
 from rlhf import jobs
 from rlhf.jobs import HEAVY, LIGHT, JobWorker, job_lane
+from rlhf.pool import fill_pool
 from rlhf.progress import JobProgress
 from rlhf.settings import add_arguments, from_args
-from rlhf.pool import fill_pool
 from storage import completions, models
 from storage import jobs as job_rows
-from bench.app_server import wait_for
 from tests.conftest import clean_env
 from ui.train import CURVE_HEIGHT, CURVE_MAX_POINTS, CURVE_WIDTH, jobs_html
 

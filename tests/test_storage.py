@@ -355,7 +355,8 @@ def test_cancel_of_queued_job_is_immediate(store):
 def test_a_lane_claims_only_its_own_kinds(store):
     """The worker's heavy lane claims training kinds; the light lane every other kind."""
     db = store.db
-    dpo, generate, reward, publish = (jobs.create_job(db, kind, {}) for kind in ("dpo", "generate", "reward", "publish"))
+    kinds = ("dpo", "generate", "reward", "publish")
+    dpo, generate, reward, publish = (jobs.create_job(db, kind, {}) for kind in kinds)
     training = ("dpo", "reward")
     assert jobs.claim_next_job(db, training, other_kinds=True)["id"] == generate
     assert jobs.claim_next_job(db, training)["id"] == dpo
