@@ -137,7 +137,7 @@ def curve_svg(name: str, points: list[tuple[int, float]]) -> str:
         for s, v in shown
     )
     title = f"{name}: {points[0][1]:.4g} at step {points[0][0]} to {points[-1][1]:.4g} at step {points[-1][0]}"
-    return (f'<svg class="curve" width="{CURVE_WIDTH}" height="{CURVE_HEIGHT}" role="img" '
+    return (f'<svg class="curve" width="{CURVE_WIDTH}" height="{CURVE_HEIGHT}" overflow="visible" role="img" '
             f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>'
             f'<polyline points="{line}" fill="none" stroke="currentColor" stroke-width="1.5"/></svg>')
 
