@@ -278,8 +278,8 @@ def test_each_stored_batch_is_handed_on_at_once(arena_dir):
     assert seen == [(policy.id, before + 2), (policy.id, before + 4)]
 
 
-def test_the_jobs_table_plots_each_jobs_curve(arena_dir):
-    """Every row draws its job's logged curve (loss; reward for RLOO); no curve, no plot."""
+def test_the_jobs_table_shows_each_jobs_lane_and_curve(arena_dir):
+    """Every row names its job's lane and draws its logged curve (loss; reward for RLOO); no curve, no plot."""
     settings, store = arena_dir
     db = store.db
     dpo, rloo, pool = (job_rows.create_job(db, kind, {}) for kind in ("dpo", "rloo", "generate"))
@@ -291,6 +291,7 @@ def test_the_jobs_table_plots_each_jobs_curve(arena_dir):
 
     rows = {int(row.split("</td>", 1)[0]): row for row in jobs_html(settings, store).split("<tr><td>")[1:]}
     assert "<svg" not in rows[pool]
+    assert [f"<td>{lane}</td>" in rows[job] for job, lane in ((dpo, HEAVY), (rloo, HEAVY), (pool, LIGHT))] == [True] * 3
     assert "loss: 1 at step 1 to 0.002 at step 500" in rows[dpo]
     assert "reward: -0.5 at step 1 to 0.25 at step 2" in rows[rloo]
     dpo_line = re.search(r'points="([^"]+)"', rows[dpo]).group(1).split()

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from rlhf.jobs import TRAINING_KINDS, check_training_params, log_path
+from rlhf.jobs import TRAINING_KINDS, check_training_params, job_lane, log_path
 from rlhf.params import json_object
 from rlhf.settings import Settings
 from rlhf.progress import read_metrics
@@ -81,19 +81,21 @@ def save_upload(settings: Settings, upload: str | None) -> str | None:
 
 
 def jobs_html(settings: Settings, store: Store) -> str:
-    """The jobs table with progress bars and each job's training curve; every text cell escaped."""
+    """The jobs table with each job's lane (a light job runs beside training), progress bar and
+    training curve; every text cell escaped."""
     rows = []
     for job in job_rows.list_jobs(store.db, limit=30):
         percent = int(round(100 * (job["progress"] or 0)))
         detail = job["error"] or job["message"] or ""
         rows.append(
-            f"<tr><td>{job['id']}</td><td>{html.escape(job['kind'])}</td><td>{html.escape(job['status'])}</td>"
+            f"<tr><td>{job['id']}</td><td>{html.escape(job['kind'])}</td><td>{job_lane(job['kind'])}</td>"
+            f"<td>{html.escape(job['status'])}</td>"
             f'<td><progress value="{percent}" max="100"></progress> {percent}%</td>'
             f"<td>{curve_svg(*_curve_points(settings, job))}</td>"
             f"<td>{html.escape(detail[:200])}</td><td>{job['result_model_id'] or ''}</td></tr>"
         )
-    head = ("<tr><th>id</th><th>kind</th><th>status</th><th>progress</th><th>curve</th><th>message</th>"
-            "<th>model</th></tr>")
+    head = ("<tr><th>id</th><th>kind</th><th>lane</th><th>status</th><th>progress</th><th>curve</th>"
+            "<th>message</th><th>model</th></tr>")
     return f'<table class="jobs">{head}{"".join(rows)}</table>'
 
 
