@@ -190,8 +190,8 @@ class JobWorker:
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
-        self.capacity = {HEAVY: 1, LIGHT: settings.light_jobs}
-        self.running: dict[str, list[RunningJob]] = {lane: [] for lane in self.capacity}
+        self._capacity = {HEAVY: 1, LIGHT: settings.light_jobs}
+        self._running: dict[str, list[RunningJob]] = {lane: [] for lane in self._capacity}
         from rlhf.hub import PublishSchedule
 
         self._publish_schedule = PublishSchedule(settings)
@@ -264,9 +264,9 @@ class JobWorker:
 
     def _step(self, db) -> None:
         """One pass over the lanes: watch what runs, then start queued jobs where a lane has room."""
-        for lane, running in self.running.items():
+        for lane, running in self._running.items():
             running[:] = [job for job in running if not self._watch(db, job)]
-            while len(running) < self.capacity[lane] and (job := self._claim(db, lane)) is not None:
+            while len(running) < self._capacity[lane] and (job := self._claim(db, lane)) is not None:
                 if (started := self._spawn(job)) is not None:
                     running.append(started)
 
@@ -279,7 +279,7 @@ class JobWorker:
             except Exception:
                 traceback.print_exc()
             self._stop.wait(self.poll_s)
-        for running in self.running.values():
+        for running in self._running.values():
             for job in running:
                 if job.proc.poll() is None:
                     job.proc.terminate()
