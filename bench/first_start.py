@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.app_server import running_app
 from rlhf import arena
 from storage import annotators
 from storage.db import Store
-from tests.app_server import running_app
 
 POLL_S = 0.5
 

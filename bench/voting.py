@@ -34,8 +34,17 @@ from pathlib import Path
 
 from gradio_client import Client
 
+from bench.app_server import (
+    ABUSE_CONTROLS_OFF,
+    ROOT,
+    START_TIMEOUT_S,
+    free_port,
+    responds,
+    running_app,
+    wait_for,
+    wait_for_pool,
+)
 from rlhf.simulate import Annotator, Oracle, read_screen
-from tests.app_server import ABUSE_CONTROLS_OFF, ROOT, START_TIMEOUT_S, free_port, responds, running_app, wait_for, wait_for_pool
 
 # Two starter policies make one pair per prompt: an annotator can vote this many times at most.
 POOL_PROMPTS = 12

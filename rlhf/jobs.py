@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.settings import Settings, add_arguments, from_args
@@ -159,17 +160,38 @@ def _is_job_process(pid: int | None) -> bool:
         return False
 
 
+# Lanes of the JobWorker: heavy jobs (training) run one at a time; light jobs (publish, push,
+# story pools, prepare) run beside them, settings.light_jobs at once, so an upload or the
+# pool of a new policy never waits behind an hour of training.
+HEAVY, LIGHT = "heavy", "light"
+HEAVY_KINDS = frozenset(TRAINING_KINDS)
+
+
+def job_lane(kind: str) -> str:
+    """The lane a job of this kind runs in; kinds not declared heavy (even unknown ones) are light."""
+    return HEAVY if kind in HEAVY_KINDS else LIGHT
+
+
+@dataclass
+class RunningJob:
+    """A job process the worker started and watches."""
+
+    job_id: int
+    proc: subprocess.Popen
+    term_sent_at: float | None = None
+
+
 class JobWorker:
-    """Runs queued jobs one at a time, each as `python -m rlhf.jobs run ID`."""
+    """Runs queued jobs, each as `python -m rlhf.jobs run ID`, in two lanes (see job_lane):
+    one heavy job at a time, and up to settings.light_jobs light jobs beside it."""
 
     def __init__(self, settings: Settings, poll_s: float = 0.5):
         self.settings = settings
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
-        self._proc: subprocess.Popen | None = None
-        self._job_id: int | None = None
-        self._term_sent_at: float | None = None
+        self._capacity = {HEAVY: 1, LIGHT: settings.light_jobs}
+        self._running: dict[str, list[RunningJob]] = {lane: [] for lane in self._capacity}
         from rlhf.hub import PublishSchedule
 
         self._publish_schedule = PublishSchedule(settings)
@@ -194,7 +216,10 @@ class JobWorker:
             interrupted.append(job["id"])
         return interrupted
 
-    def _spawn(self, job: dict) -> None:
+    def _claim(self, db, lane: str) -> dict | None:
+        return job_rows.claim_next_job(db, HEAVY_KINDS, other_kinds=lane == LIGHT)
+
+    def _spawn(self, job: dict) -> RunningJob | None:
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         path = log_path(self.settings, job["id"])
         command = [
@@ -208,52 +233,56 @@ class JobWorker:
         db = Store(self.settings.db_path).db
         try:
             with path.open("ab") as log:
-                self._proc = subprocess.Popen(
+                proc = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
                 )
         except OSError as exc:
             job_rows.finish_job(db, job["id"], "failed", error=f"could not start the job process: {exc}")
-            return
-        self._job_id, self._term_sent_at = job["id"], None
-        job_rows.update_job(db, job["id"], pid=self._proc.pid, log_path=str(path))
+            return None
+        job_rows.update_job(db, job["id"], pid=proc.pid, log_path=str(path))
+        return RunningJob(job["id"], proc)
 
-    def _watch(self, db) -> None:
-        assert self._proc is not None and self._job_id is not None
-        code = self._proc.poll()
-        job = job_rows.get_job(db, self._job_id)
+    def _watch(self, db, running: RunningJob) -> bool:
+        """Cancel the job's process when asked, record how it ended; True once it exited."""
+        code = running.proc.poll()
+        job = job_rows.get_job(db, running.job_id)
         if code is None:
             if job["status"] == "cancelling":
                 now = time.time()
-                if self._term_sent_at is None:
-                    self._proc.terminate()
-                    self._term_sent_at = now
-                elif now - self._term_sent_at > CANCEL_GRACE_S:
-                    self._proc.kill()
-            return
+                if running.term_sent_at is None:
+                    running.proc.terminate()
+                    running.term_sent_at = now
+                elif now - running.term_sent_at > CANCEL_GRACE_S:
+                    running.proc.kill()
+            return False
         if job["status"] in job_rows.ACTIVE:
             if job["status"] == "cancelling":
-                job_rows.finish_job(db, self._job_id, "cancelled", error="cancelled by a researcher")
+                job_rows.finish_job(db, running.job_id, "cancelled", error="cancelled by a researcher")
             else:
-                job_rows.finish_job(db, self._job_id, "failed", error=f"the job process exited with code {code}")
-        self._proc = self._job_id = None
+                job_rows.finish_job(db, running.job_id, "failed", error=f"the job process exited with code {code}")
+        return True
+
+    def _step(self, db) -> None:
+        """One pass over the lanes: watch what runs, then start queued jobs where a lane has room."""
+        for lane, running in self._running.items():
+            running[:] = [job for job in running if not self._watch(db, job)]
+            while len(running) < self._capacity[lane] and (job := self._claim(db, lane)) is not None:
+                if (started := self._spawn(job)) is not None:
+                    running.append(started)
 
     def _loop(self) -> None:
         store = Store(self.settings.db_path)
-        db = store.db
         while not self._stop.is_set():
             try:
                 self._publish_schedule.tick(store)
-                if self._proc is None:
-                    job = job_rows.claim_next_job(db)
-                    if job is not None:
-                        self._spawn(job)
-                else:
-                    self._watch(db)
+                self._step(store.db)
             except Exception:
                 traceback.print_exc()
             self._stop.wait(self.poll_s)
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+        for running in self._running.values():
+            for job in running:
+                if job.proc.poll() is None:
+                    job.proc.terminate()
 
 
 def _raise_cancelled(signum, frame) -> None:

@@ -29,6 +29,7 @@ ENV_VARS = {
     "admins": "STORY_ARENA_ADMINS",
     "hub_dataset": "STORY_ARENA_HUB_DATASET",
     "hub_publish_minutes": "STORY_ARENA_HUB_PUBLISH_MINUTES",
+    "light_jobs": "STORY_ARENA_LIGHT_JOBS",
 }
 # Set by Hugging Face on a Space with `hf_oauth: true` (plus SYSTEM=spaces on every Space);
 # without them there is no Hub login: off a Space Gradio would mock it with a Hub call.
@@ -78,6 +79,7 @@ class Settings:
     min_gold_votes: int = 5
     reports_to_hide: int = 3
     metrics_corpus: Path | None = None  # stories (.txt or .jsonl) for each policy's held-out perplexity
+    light_jobs: int = 1  # light jobs (publish, push, pool, prepare) run at once beside the one training job
 
     @property
     def db_path(self) -> Path:
@@ -127,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admins", help=f"comma-separated Hugging Face usernames with the admin role when signed in with Hugging Face (env {ENV_VARS['admins']})")
     parser.add_argument("--hub-dataset", help=f"Hub dataset repo (owner/name) the preferences are published to (env {ENV_VARS['hub_dataset']})")
     parser.add_argument("--hub-publish-minutes", type=float, help=f"publish the preferences every N minutes; 0 = only on demand (env {ENV_VARS['hub_publish_minutes']})")
+    parser.add_argument("--light-jobs", type=int, help=(
+        "light jobs (publish, push, story pools, prepare) run at once beside the one training job "
+        f"(env {ENV_VARS['light_jobs']}; default 1)"))
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -151,6 +156,12 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     if pool_prompts is not None and pool_prompts < 1:
         raise ValueError("--pool-prompts must be at least 1.")
     pair_prompt_sources = _prompt_sources(getattr(args, "pair_prompt_sources", None))
+    try:
+        light_jobs = int(pick("light_jobs", 1))
+    except ValueError:
+        raise ValueError("--light-jobs must be an integer.") from None
+    if light_jobs < 1:
+        raise ValueError("--light-jobs must be at least 1.")
     metrics_corpus = pick("metrics_corpus")
     if metrics_corpus is not None and not Path(metrics_corpus).expanduser().is_file():
         raise ValueError(f"--metrics-corpus {metrics_corpus} is not a file.")
@@ -172,6 +183,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         pair_prompt_collections=tuple(sorted(_name_set(getattr(args, "pair_prompt_collections", None) or ""))) or None,
         **_quality_settings(pick),
         metrics_corpus=Path(metrics_corpus).expanduser().resolve() if metrics_corpus else None,
+        light_jobs=light_jobs,
     )
 
 

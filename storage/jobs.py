@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from sqlite_utils import Database
 
@@ -36,10 +37,18 @@ def list_jobs(db: Database, limit: int = 50, kind: str | None = None) -> list[di
     return [_decode(r) for r in db["jobs"].rows_where(where, params, order_by="id DESC", limit=limit)]
 
 
-def claim_next_job(db: Database) -> dict | None:
-    """Atomically move the oldest queued job to running; None when the queue is empty."""
+def claim_next_job(db: Database, kinds: Collection[str] | None = None, *, other_kinds: bool = False) -> dict | None:
+    """Atomically move the oldest queued job to running; None when there is none to claim.
+
+    A worker lane claims only its own jobs: those whose kind is in `kinds`, or with
+    other_kinds=True those whose kind is not (None: any kind)."""
+    where, params = "status = 'queued'", []
+    if kinds is not None:
+        kinds = sorted(kinds)
+        where += f" AND kind {'NOT IN' if other_kinds else 'IN'} ({', '.join('?' * len(kinds))})"
+        params = kinds
     with write_transaction(db):
-        row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+        row = db.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY id LIMIT 1", params).fetchone()
         if row is None:
             return None
         db.execute(

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
 from rlhf.heldout import heldout_markdown, pairwise_report
 from rlhf.ranking import PRELIMINARY_VOTES
-from tests.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
 
 gradio_client = pytest.importorskip("gradio_client")
 AppError = pytest.importorskip("gradio_client.exceptions").AppError

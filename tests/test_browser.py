@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
+from bench.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect

@@ -3,7 +3,7 @@ the report names the story that was on screen. Reuses tests/test_browser.py's ap
 
 from __future__ import annotations
 
-from tests.app_server import query
+from bench.app_server import query
 from tests.test_browser import arena, browser, expect, page, press_on_body, sign_in  # noqa: F401  (fixtures)
 
 

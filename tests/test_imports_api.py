@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.app_server import TINY_ARGS, query, running_app, wait_for_pool
+from bench.app_server import TINY_ARGS, query, running_app, wait_for_pool
 
 gradio_client = pytest.importorskip("gradio_client")
 AppError = pytest.importorskip("gradio_client.exceptions").AppError

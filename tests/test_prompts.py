@@ -1,9 +1,12 @@
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 
-from rlhf import prompts
 from rlhf.prompts import SEED_PROMPTS, required_words, words_used
+from tests.conftest import REPO_ROOT, clean_env
 
 _EXACT_WORDS_SENTENCE = re.compile(r' Use the words "[a-z]+"(?:, "[a-z]+")* and "[a-z]+"\.$')
 
@@ -14,8 +17,14 @@ def test_seed_prompts_are_many_distinct_and_short():
     assert all(len(prompt) < 300 for prompt in SEED_PROMPTS)
 
 
-def test_seed_prompts_are_deterministic():
-    assert prompts._build_seed_prompts() == SEED_PROMPTS
+@pytest.mark.parametrize("hash_seed", ["0", "12345"])
+def test_seed_prompts_are_the_same_in_every_process(hash_seed):
+    """Every process (the app, each job, a restart) must store and find the same seed prompts:
+    a fresh interpreter, with its own string hashing, builds the same tuple as this one."""
+    script = "import json; from rlhf.prompts import SEED_PROMPTS; print(json.dumps(SEED_PROMPTS))"
+    built = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                           env={**clean_env(), "PYTHONHASHSEED": hash_seed}, check=True, timeout=120)
+    assert tuple(json.loads(built.stdout)) == SEED_PROMPTS
 
 
 def test_seed_prompts_read_as_sentences():

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from bench.app_server import TINY_ARGS, query, running_app, wait_for_pool
 from rlhf import arena
 from rlhf.quality import PRUNE_ABOVE, WINDOW_S, VoteRateLimiter
 from rlhf.simulate import read_screen
-from tests.app_server import TINY_ARGS, query, running_app, wait_for_pool
 
 gradio_client = pytest.importorskip("gradio_client")
 AppError = pytest.importorskip("gradio_client.exceptions").AppError

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.app_server import TINY_ARGS, query, running_app, wait_for, wait_for_pool
 from rlhf.jobs import check_training_params
 from rlhf.models import ModelLoadError
 from rlhf.pool import fill_pool
 from storage import completions, models
 from storage import jobs as job_rows
 from storage.db import Store
-from tests.app_server import TINY_ARGS, query, running_app, wait_for, wait_for_pool
 
 gradio_client = pytest.importorskip("gradio_client")
 

@@ -352,6 +352,20 @@ def test_cancel_of_queued_job_is_immediate(store):
     assert jobs.claim_next_job(db) is None
 
 
+def test_a_lane_claims_only_its_own_kinds(store):
+    """The worker's heavy lane claims training kinds; the light lane every other kind."""
+    db = store.db
+    kinds = ("dpo", "generate", "reward", "publish")
+    dpo, generate, reward, publish = (jobs.create_job(db, kind, {}) for kind in kinds)
+    training = ("dpo", "reward")
+    assert jobs.claim_next_job(db, training, other_kinds=True)["id"] == generate
+    assert jobs.claim_next_job(db, training)["id"] == dpo
+    assert jobs.claim_next_job(db, training, other_kinds=True)["id"] == publish
+    assert jobs.claim_next_job(db, training, other_kinds=True) is None  # reward stays for its lane
+    assert jobs.get_job(db, reward)["status"] == "queued"
+    assert jobs.claim_next_job(db)["id"] == reward
+
+
 def test_concurrent_claims_take_each_job_once(store):
     db = store.db
     ids = [jobs.create_job(db, "generate", {"i": i}) for i in range(40)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from rlhf.heldout import heldout_markdown
-from rlhf.jobs import TRAINING_KINDS, check_training_params, log_path
+from rlhf.jobs import TRAINING_KINDS, check_training_params, job_lane, log_path
 from rlhf.params import json_object
 from rlhf.settings import Settings
 from rlhf.progress import read_metrics
@@ -80,18 +81,22 @@ def save_upload(settings: Settings, upload: str | None) -> str | None:
     return str(target)
 
 
-def jobs_html(store: Store) -> str:
-    """The jobs table with progress bars; every text cell escaped."""
+def jobs_html(settings: Settings, store: Store) -> str:
+    """The jobs table with each job's lane (a light job runs beside training), progress bar and
+    training curve; every text cell escaped."""
     rows = []
     for job in job_rows.list_jobs(store.db, limit=30):
         percent = int(round(100 * (job["progress"] or 0)))
         detail = job["error"] or job["message"] or ""
         rows.append(
-            f"<tr><td>{job['id']}</td><td>{html.escape(job['kind'])}</td><td>{html.escape(job['status'])}</td>"
+            f"<tr><td>{job['id']}</td><td>{html.escape(job['kind'])}</td><td>{job_lane(job['kind'])}</td>"
+            f"<td>{html.escape(job['status'])}</td>"
             f'<td><progress value="{percent}" max="100"></progress> {percent}%</td>'
+            f"<td>{curve_svg(*_curve_points(settings, job))}</td>"
             f"<td>{html.escape(detail[:200])}</td><td>{job['result_model_id'] or ''}</td></tr>"
         )
-    head = "<tr><th>id</th><th>kind</th><th>status</th><th>progress</th><th>message</th><th>model</th></tr>"
+    head = ("<tr><th>id</th><th>kind</th><th>lane</th><th>status</th><th>progress</th><th>curve</th>"
+            "<th>message</th><th>model</th></tr>")
     return f'<table class="jobs">{head}{"".join(rows)}</table>'
 
 
@@ -105,12 +110,39 @@ def _log_tail(settings: Settings, job_id: int) -> str:
 
 # The curve worth watching per kind: RLOO's loss hovers near zero, its reward rises.
 CURVE = {"rloo": "reward"}
+CURVE_WIDTH, CURVE_HEIGHT, CURVE_MAX_POINTS = 160, 36, 200
+
+
+def _curve_points(settings: Settings, job: dict) -> tuple[str, list[tuple[int, float]]]:
+    """The job's curve name and its logged (step, value) points, finite values only."""
+    name = CURVE.get(job["kind"], "loss")
+    points = [(m["step"], m[name]) for m in read_metrics(settings, job["id"])
+              if isinstance(m.get(name), int | float) and math.isfinite(m[name])]
+    return name, points
 
 
 def _curve(settings: Settings, job: dict) -> pd.DataFrame:
-    name = CURVE.get(job["kind"], "loss")
-    points = [(m["step"], m[name], name) for m in read_metrics(settings, job["id"]) if name in m]
-    return pd.DataFrame(points, columns=["step", "value", "metric"])
+    name, points = _curve_points(settings, job)
+    return pd.DataFrame([(step, value, name) for step, value in points], columns=["step", "value", "metric"])
+
+
+def curve_svg(name: str, points: list[tuple[int, float]]) -> str:
+    """A small inline line plot of a job's curve for its row of the jobs table (empty without
+    two points); its tooltip gives the first and last values. Only numbers reach the SVG."""
+    if len(points) < 2:
+        return ""
+    shown = [*points[:-1:-(-len(points) // CURVE_MAX_POINTS)], points[-1]]
+    first_step, low = min(s for s, _ in shown), min(v for _, v in shown)
+    step_span = (max(s for s, _ in shown) - first_step) or 1
+    value_span = (max(v for _, v in shown) - low) or 1
+    line = " ".join(
+        f"{(s - first_step) / step_span * CURVE_WIDTH:.1f},{(1 - (v - low) / value_span) * CURVE_HEIGHT:.1f}"
+        for s, v in shown
+    )
+    title = f"{name}: {points[0][1]:.4g} at step {points[0][0]} to {points[-1][1]:.4g} at step {points[-1][0]}"
+    return (f'<svg class="curve" width="{CURVE_WIDTH}" height="{CURVE_HEIGHT}" overflow="visible" role="img" '
+            f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>'
+            f'<polyline points="{line}" fill="none" stroke="currentColor" stroke-width="1.5"/></svg>')
 
 
 def build_train_tab(settings: Settings, store: Store, session: gr.State):
@@ -182,7 +214,7 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
             status = job_rows.request_cancel(store.db, int(job))
         except (LookupError, TypeError) as exc:
             raise gr.Error(f"No job {job}.") from exc
-        return jobs_html(store), f"Job {int(job)}: {status}."
+        return jobs_html(settings, store), f"Job {int(job)}: {status}."
 
     def resume_job(who, job):
         require_researcher(who)
@@ -190,10 +222,10 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
             job_rows.requeue(store.db, int(job))
         except (LookupError, ValueError, TypeError) as exc:
             raise gr.Error(str(exc)) from exc
-        return jobs_html(store), f"Job {int(job)} queued again; it resumes from its last checkpoint."
+        return jobs_html(settings, store), f"Job {int(job)} queued again; it resumes from its last checkpoint."
 
     show.click(details, job_id, [loss, log, heldout], api_name="job_details")
     cancel.click(cancel_job, [session, job_id], [table, action], api_name="cancel_job")
     resume.click(resume_job, [session, job_id], [table, action], api_name="resume_job")
-    timer.tick(lambda: jobs_html(store), None, table, api_visibility="private", show_progress="hidden")
-    return (lambda: jobs_html(store)), table, tools
+    timer.tick(lambda: jobs_html(settings, store), None, table, api_visibility="private", show_progress="hidden")
+    return (lambda: jobs_html(settings, store)), table, tools

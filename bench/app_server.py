@@ -1,6 +1,6 @@
-"""Start the real app (`python app.py`) in a subprocess for end-to-end tests.
+"""Start the real app (`python app.py`) in a subprocess, for end-to-end tests and benches.
 
-Not a test module. Usage:
+Not a bench itself; it lives here so benches never import tests (tests import it from here). Usage:
 
     with running_app(tmp_dir, env={"STORY_ARENA_RESEARCHERS": "rita"}, extra_args=TINY_ARGS) as (url, proc):
         ...
