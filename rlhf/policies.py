@@ -36,13 +36,13 @@ def add_policy(
         raise ValueError("Give a local model folder or a Hugging Face Hub id.")
     Decoding.from_dict(decoding)
     try:
-        check_loadable(source, settings.hub_token)
+        source = check_loadable(source, settings.hub_token, settings.protected_paths)
     except ModelLoadError as exc:
         raise ValueError(str(exc)) from exc
-    local = Path(source).is_dir()
+    local = Path(source).is_absolute()
     record = models.add_model(
         store.db, name, "local" if local else "hub",
-        path=str(Path(source).resolve()) if local else None, hub_id=None if local else source,
+        path=source if local else None, hub_id=None if local else source,
         decoding=decoding,
     )
     queue_pool(store, settings, record.id, created_by)

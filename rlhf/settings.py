@@ -92,6 +92,14 @@ class Settings:
     def exports_dir(self) -> Path:
         return self.data_dir / "exports"
 
+    @property
+    def protected_paths(self) -> tuple[Path, ...]:
+        """What no researcher input may point the app at: the database and its journal
+        files (SQLite holds them), job logs and exports."""
+        db = self.db_path
+        journals = tuple(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))
+        return (db, *journals, self.jobs_dir, self.exports_dir)
+
     def store(self) -> Store:
         return Store(self.db_path)
 
