@@ -35,6 +35,7 @@ def add_policy(
     if not source:
         raise ValueError("Give a local model folder or a Hugging Face Hub id.")
     Decoding.from_dict(decoding)
+    job_rows.check_queue_room(store.db, created_by, settings.max_queued_jobs)
     try:
         source = check_loadable(source, settings.hub_token, settings.protected_paths)
     except ModelLoadError as exc:
@@ -53,6 +54,7 @@ def queue_pool(store: Store, settings: Settings, model_id: int, created_by: int 
     """Queue a job writing this policy's stories for the pool's prompts."""
     return job_rows.create_job(
         store.db, "generate", {"model_ids": [model_id], "prompts": settings.pool_prompts}, created_by,
+        max_queued=settings.max_queued_jobs,
     )
 
 
