@@ -274,3 +274,42 @@ def test_forged_forwarded_for_does_not_dodge_the_cap_on_new_names(app):
             break
     assert refused is not None and "Too many new names" in str(refused)
     assert integrity(data_dir / "arena.db") == "ok"
+
+
+def test_job_errors_in_the_jobs_table_are_for_researchers_only(tmp_path):
+    """Attack 6 on the jobs table (shown to every visitor): a failed job's error names paths."""
+    from ui.train import jobs_html
+
+    store = Store(tmp_path / "arena.db")
+    job = job_rows.create_job(store.db, "generate", {})
+    job_rows.finish_job(store.db, job, "failed", error="No model at /srv/secret/model")
+    assert "/srv/secret" not in jobs_html(store, None)
+    assert "/srv/secret" not in jobs_html(store, {"role": "annotator"})
+    assert "/srv/secret" in jobs_html(store, {"role": "researcher"})
+
+
+def test_trusted_proxies_and_session_limits_are_settings(tmp_path):
+    """Attacks 4 and 5: no proxy trusted by default; sign-ins expire; sessions are capped."""
+    import argparse
+
+    import gradio as gr
+
+    from rlhf.settings import add_arguments, from_args
+    from ui.app import build_ui
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--data-dir", str(tmp_path)]
+    assert from_args(parser.parse_args(base), {}).trusted_proxies == ()
+    chosen = from_args(parser.parse_args([*base, "--trusted-proxies", "10.0.0.0/8, 192.0.2.7"]), {})
+    assert chosen.trusted_proxies == ("10.0.0.0/8", "192.0.2.7")
+    with pytest.raises(ValueError, match="--trusted-proxies"):
+        from_args(parser.parse_args([*base, "--trusted-proxies", "*"]), {})
+
+    settings = from_args(parser.parse_args([*base, "--session-idle-minutes", "30", "--session-capacity", "200",
+                                            "--max-upload-mb", "2"]), {})
+    demo, launch_kwargs = build_ui(settings, settings.store())
+    assert launch_kwargs["state_session_capacity"] == 200
+    assert launch_kwargs["max_file_size"] == 2 * 1024 * 1024
+    signed_in_state = [b for b in demo.blocks.values() if isinstance(b, gr.State) and b.time_to_live == 30 * 60]
+    assert len(signed_in_state) == 1

@@ -120,7 +120,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             (prompts_tab, show_prompts, prompt_source, prompt_table),
             (models_tab, load_models, None, models_table),
             (train_tab, load_bases, None, base_picker),
-            (jobs_tab, load_jobs, None, jobs_table),
+            (jobs_tab, load_jobs, session, jobs_table),
         ]
         for tab, load, inputs, outputs in tab_contents:
             demo.load(load, inputs, outputs, api_visibility="private")

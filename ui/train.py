@@ -79,12 +79,17 @@ def save_upload(settings: Settings, upload: str | None) -> str | None:
     return str(target)
 
 
-def jobs_html(store: Store) -> str:
-    """The jobs table with progress bars; every text cell escaped."""
+def jobs_html(store: Store, who: dict | None = None) -> str:
+    """The jobs table with progress bars; every text cell escaped. Errors can name server
+    paths, so only researchers see them."""
+    researcher = bool(who) and who.get("role") in ("researcher", "admin")
     rows = []
     for job in job_rows.list_jobs(store.db, limit=30):
         percent = int(round(100 * (job["progress"] or 0)))
-        detail = job["error"] or job["message"] or ""
+        error = job["error"]
+        if error and not researcher:
+            error = "(the error is shown to researchers)"
+        detail = error or job["message"] or ""
         rows.append(
             f"<tr><td>{job['id']}</td><td>{html.escape(job['kind'])}</td><td>{html.escape(job['status'])}</td>"
             f'<td><progress value="{percent}" max="100"></progress> {percent}%</td>'
@@ -188,7 +193,7 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
             status = job_rows.request_cancel(store.db, job)
         except LookupError as exc:
             raise gr.Error(f"No job {job}.") from exc
-        return jobs_html(store), f"Job {job}: {status}."
+        return jobs_html(store, who), f"Job {job}: {status}."
 
     def resume_job(who, job):
         require_researcher(who)
@@ -197,10 +202,10 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
             job_rows.requeue(store.db, job)
         except (LookupError, ValueError) as exc:
             raise gr.Error(str(exc)) from exc
-        return jobs_html(store), f"Job {job} queued again; it resumes from its last checkpoint."
+        return jobs_html(store, who), f"Job {job} queued again; it resumes from its last checkpoint."
 
     show.click(details, [session, job_id], [loss, log], api_name="job_details")
     cancel.click(cancel_job, [session, job_id], [table, action], api_name="cancel_job")
     resume.click(resume_job, [session, job_id], [table, action], api_name="resume_job")
-    timer.tick(lambda: jobs_html(store), None, table, api_visibility="private", show_progress="hidden")
-    return (lambda: jobs_html(store)), table, tools
+    timer.tick(lambda who: jobs_html(store, who), session, table, api_visibility="private", show_progress="hidden")
+    return (lambda who: jobs_html(store, who)), table, tools
