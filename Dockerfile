@@ -6,10 +6,9 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 1000 user && mkdir /data && chown user:user /data
 USER user
 ENV HOME=/home/user PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/data/.huggingface
-# Requests reach a Space through its proxy: trust its X-Forwarded-For so the per-address vote
-# limit sees each visitor, not one shared proxy address (a forged header can dodge that limit,
-# never the per-annotator one).
-ENV FORWARDED_ALLOW_IPS=*
+# X-Forwarded-For is believed only from STORY_ARENA_TRUSTED_PROXIES (default none: the
+# per-address limits count the connecting address). On a Space set it, as a Space variable, to
+# the proxy's network (README, Security); never "*", which lets any client pick its address.
 WORKDIR /home/user/app
 
 # The same install steps as a local setup, from the same pinned files: install.sh.

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (docker stop, a Space restart) unwinds through `finally`, so the running job's
     # process is stopped too instead of running on as an orphan.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # uvicorn believes X-Forwarded-For only from these hosts (by default it trusts 127.0.0.1,
+    # so a local client could pick any address for the per-address limits).
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
     demo, launch_kwargs = build_ui(settings, store)
     print(f"Story Arena: data in {settings.data_dir}", file=sys.stderr)
     try:

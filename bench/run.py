@@ -20,6 +20,7 @@ Benches run here (BENCHES below):
   metric_agreement bench/metric_agreement.py automatic story metrics against HANNA's human ratings
   dph         bench/dph.py         Direct Preference Heads against a reward model and DPO on HH-RLHF pairs
   weak_supervision bench/weak_supervision.py  reward accuracy with and without weak labels (HH-RLHF)
+  sessions    bench/sessions.py    the app's memory (RSS) before and after thousands of sign-ins
 
 metric_agreement, dph and weak_supervision read ../shared/data (they fail where it is missing);
 their quick sizes check that they run, and their full runs give the README's figures.
@@ -94,6 +95,10 @@ def _weak_supervision_headline(report: dict) -> dict:
             for row in report["results"]}
 
 
+def _sessions_headline(report: dict) -> dict:
+    return {k: report[k] for k in ("sign_ins", "rss_mb_before", "rss_mb_after")}
+
+
 BENCHES = {
     "first_start": Bench("bench.first_start", ("--starter", "tiny"), (), _first_start_headline),
     "storage": Bench(
@@ -115,6 +120,7 @@ BENCHES = {
     "metric_agreement": Bench("bench.metric_agreement", ("--quick",), (), _metric_agreement_headline),
     "dph": Bench("bench.dph", ("--quick",), (), _dph_headline),
     "weak_supervision": Bench("bench.weak_supervision", ("--quick",), (), _weak_supervision_headline),
+    "sessions": Bench("bench.sessions", ("--quick",), (), _sessions_headline),
 }
 
 

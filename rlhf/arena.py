@@ -25,6 +25,7 @@ from storage.db import Store
 from storage.votes import ShownPair
 
 NAME_PATTERN = re.compile(r"^[\w][\w .@-]*$")
+MAX_TOKEN_CHARS = 100
 
 
 class ArenaError(ValueError):
@@ -42,8 +43,14 @@ class PairView:
     client_key: str
 
 
-def sign_in(store: Store, settings: Settings, name: str, key: str = "") -> dict:
-    """Validate a display name and return the annotator row with its configured role."""
+def sign_in(store: Store, settings: Settings, name: str, key: str = "", token: str = "",
+            limiter: VoteRateLimiter | None = None, address: str | None = None) -> dict:
+    """Validate a display name and return the annotator row with its configured role.
+
+    A name belongs to the browser whose secret `token` first signed in with it; another
+    token, or a look-alike of a taken or researcher name, is refused. A new name takes a
+    slot of `limiter` (new names per address) only once every other check has passed.
+    """
     name = (name or "").strip()
     if not name:
         raise ArenaError("Please enter a name to start voting.")
@@ -53,13 +60,27 @@ def sign_in(store: Store, settings: Settings, name: str, key: str = "") -> dict:
         raise ArenaError("Names starting with @ are Hugging Face accounts: sign in with Hugging Face.")
     if not NAME_PATTERN.match(name):
         raise ArenaError("Names may use letters, digits, spaces and . @ - _ only.")
+    if len(token or "") > MAX_TOKEN_CHARS:
+        raise ArenaError(f"Browser token: at most {MAX_TOKEN_CHARS} characters.")
     role = settings.role_for(name)
     if role != "annotator" and settings.researcher_key is not None:
         if not hmac.compare_digest((key or "").encode(), settings.researcher_key.encode()):
             raise ArenaError("This name has the researcher role: enter the researcher key to sign in.")
     elif role != "annotator" and settings.hub_oauth:
         raise ArenaError("This name has the researcher role: sign in with Hugging Face.")
-    return annotators.sign_in(store.db, name, role)
+    taken = ArenaError(f"The name {name!r} is taken (or looks like a name that is): choose another one. "
+                       "If it is yours, sign in from the browser you first used it in.")
+    if role == "annotator" and annotators.name_key(name) in {annotators.name_key(r) for r in settings.researchers}:
+        raise taken
+    existing = annotators.find(store.db, name)
+    if existing is None:
+        refusal = limiter.admit(None, address) if limiter else None
+        if refusal:
+            raise ArenaError(refusal)
+    row = annotators.sign_in(store.db, existing["name"] if existing else name, role, token or None)
+    if role == "annotator" and row["token_hash"] is not None and not annotators.token_matches(row, token or ""):
+        raise taken
+    return row
 
 
 def sign_in_hub(store: Store, settings: Settings, username: str) -> dict:
@@ -134,6 +155,10 @@ def submit_vote(
     rationale = (rationale or "").strip()
     if len(rationale) > settings.max_rationale_chars:
         raise ArenaError(f"The reason is limited to {settings.max_rationale_chars} characters.")
+    try:
+        rationale.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArenaError("The reason (Why?) has a character that is not text (a lone surrogate); remove it.") from None
     waited = time.time() - view.pair.shown_at
     if waited < settings.min_vote_seconds:
         raise ArenaError(f"Please read both stories first: votes count from {settings.min_vote_seconds:g} s "

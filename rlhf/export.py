@@ -46,6 +46,10 @@ def preference_records(
         yield record
 
 
+def jsonl_line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
 def write_jsonl(records: Iterable[dict], path: Path) -> int:
     """Write JSON lines atomically (a reader never sees half a file); returns the count."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +57,7 @@ def write_jsonl(records: Iterable[dict], path: Path) -> int:
     count = 0
     with tmp.open("w", encoding="utf-8") as out:
         for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(jsonl_line(record))
             count += 1
     os.replace(tmp, path)
     return count

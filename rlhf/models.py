@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,9 @@ EOS_TOKEN = "<|endoftext|>"
 TINY_VOCAB_SIZE = 768
 TINY_POSITIONS = 512
 SAVED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+MAX_SOURCE_CHARS = 255
+SYSTEM_DIRS = (Path("/proc"), Path("/sys"), Path("/dev"))
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 class ModelLoadError(Exception):
@@ -258,7 +262,41 @@ def load_causal_lm(source: str, device: torch.device, token: str | None = None) 
         return model, tokenizer
 
 
-def check_loadable(source: str, token: str | None = None) -> None:
-    """Validate a model for the "add model" form from its config and tokenizer only."""
+def _inside(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def check_source(source: str, protected: Sequence[Path]) -> str:
+    """A model source safe to open: a Hub id, or a folder (symlinks resolved) outside the
+    system folders and the `protected` paths, none of whose files resolves into them.
+
+    Why: transformers opens whatever file it is pointed at, and opening then closing a file
+    SQLite holds (the database, its WAL or shm) in the app process drops SQLite's POSIX
+    locks, after which another connection deletes the WAL and votes are lost. Returns the
+    resolved folder (as a string) or the Hub id.
+    """
+    if len(source) > MAX_SOURCE_CHARS:
+        raise ModelLoadError(f"Model source: at most {MAX_SOURCE_CHARS} characters.")
+    if not _looks_local(source):
+        if ".." in source or not HUB_ID.match(source):
+            raise ModelLoadError('Model source: give a model folder on the server or a Hub id like "owner/name".')
+        return source
+    roots = [*SYSTEM_DIRS, *(Path(p).resolve() for p in protected)]
+    refused = ModelLoadError("Model source: that folder holds the app's own data or system files; give a model folder.")
+    folder = Path(source).expanduser().resolve()
+    if _inside(folder, roots):
+        raise refused
+    if folder.exists() and not folder.is_dir():
+        raise ModelLoadError("Model source: must be a model folder (or a Hub id), not a file.")
+    if folder.is_dir() and any(_inside(entry.resolve(), roots) for entry in folder.iterdir()):
+        raise refused
+    return str(folder)
+
+
+def check_loadable(source: str, token: str | None = None, protected: Sequence[Path] = ()) -> str:
+    """Validate a model for the "add model" form from its config and tokenizer only; returns
+    the checked source (check_source), so what was checked is what gets stored."""
+    source = check_source(source, protected)
     _load_config(source, token)
     _load_tokenizer(source, token)
+    return source

@@ -35,14 +35,15 @@ def add_policy(
     if not source:
         raise ValueError("Give a local model folder or a Hugging Face Hub id.")
     Decoding.from_dict(decoding)
+    job_rows.check_queue_room(store.db, created_by, settings.max_queued_jobs)
     try:
-        check_loadable(source, settings.hub_token)
+        source = check_loadable(source, settings.hub_token, settings.protected_paths)
     except ModelLoadError as exc:
         raise ValueError(str(exc)) from exc
-    local = Path(source).is_dir()
+    local = Path(source).is_absolute()
     record = models.add_model(
         store.db, name, "local" if local else "hub",
-        path=str(Path(source).resolve()) if local else None, hub_id=None if local else source,
+        path=source if local else None, hub_id=None if local else source,
         decoding=decoding,
     )
     queue_pool(store, settings, record.id, created_by)
@@ -53,6 +54,7 @@ def queue_pool(store: Store, settings: Settings, model_id: int, created_by: int 
     """Queue a job writing this policy's stories for the pool's prompts."""
     return job_rows.create_job(
         store.db, "generate", {"model_ids": [model_id], "prompts": settings.pool_prompts}, created_by,
+        max_queued=settings.max_queued_jobs,
     )
 
 

@@ -38,23 +38,30 @@ MIN_SHARED_PAIRS = 3
 
 
 class VoteRateLimiter:
-    """Sliding 60-second windows of accepted votes per annotator and per client address.
+    """Sliding windows (60 s for votes) of accepted actions per annotator and per client address.
 
     In memory in the app process, on purpose: the app is one process (jobs run in their own
     processes and never vote), a window lasts a minute so forgetting it on a restart costs
     nothing, and a refused request writes nothing to disk. Several replicas would each keep
-    their own windows.
+    their own windows. The same class caps new annotator names per address per hour.
     """
 
-    def __init__(self, per_annotator: int, per_address: int, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_annotator: int, per_address: int, clock: Callable[[], float] = time.monotonic,
+                 window_s: float = WINDOW_S, what: str = "votes"):
         self.limits = {"annotator": per_annotator, "address": per_address}
         self.clock = clock
+        self.window_s, self.what = window_s, what
         self._lock = threading.Lock()
         self._windows: dict[tuple[str, object], deque] = defaultdict(deque)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VoteRateLimiter:
         return cls(settings.annotator_votes_per_minute, settings.ip_votes_per_minute)
+
+    @classmethod
+    def for_new_names(cls, settings: Settings) -> VoteRateLimiter:
+        """New annotator names per client address per hour: the annotators table stays bounded."""
+        return cls(0, settings.annotators_per_address_per_hour, window_s=3600.0, what="new names")
 
     def admit(self, annotator_id: int, address: str | None) -> str | None:
         """Count the vote and return None, or return why it is refused (and count nothing)."""
@@ -64,12 +71,13 @@ class VoteRateLimiter:
         with self._lock:
             for kind, who in keys:
                 limit, window = self.limits[kind], self._windows[(kind, who)]
-                while window and window[0] <= now - WINDOW_S:
+                while window and window[0] <= now - self.window_s:
                     window.popleft()
                 if len(window) >= limit:
-                    wait = math.ceil(window[0] + WINDOW_S - now)
+                    wait = math.ceil(window[0] + self.window_s - now)
                     whose = "per annotator" if kind == "annotator" else "from one network address"
-                    return f"Too many votes: at most {limit} a minute {whose}. Please wait {wait} s."
+                    period = "a minute" if self.window_s == WINDOW_S else f"in {self.window_s / 60:g} minutes"
+                    return f"Too many {self.what}: at most {limit} {period} {whose}. Please wait {wait} s."
             for key in keys:
                 self._windows[key].append(now)
             if len(self._windows) > PRUNE_ABOVE:
@@ -77,7 +85,7 @@ class VoteRateLimiter:
         return None
 
     def _prune(self, now: float) -> None:
-        stale = [key for key, window in self._windows.items() if not window or window[-1] <= now - WINDOW_S]
+        stale = [key for key, window in self._windows.items() if not window or window[-1] <= now - self.window_s]
         for key in stale:
             del self._windows[key]
 

@@ -7,6 +7,7 @@ repr so they never reach a log or the page.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ ENV_VARS = {
     "hub_dataset": "STORY_ARENA_HUB_DATASET",
     "hub_publish_minutes": "STORY_ARENA_HUB_PUBLISH_MINUTES",
     "light_jobs": "STORY_ARENA_LIGHT_JOBS",
+    "trusted_proxies": "STORY_ARENA_TRUSTED_PROXIES",
 }
 # Set by Hugging Face on a Space with `hf_oauth: true` (plus SYSTEM=spaces on every Space);
 # without them there is no Hub login: off a Space Gradio would mock it with a Hub call.
@@ -43,6 +45,11 @@ QUALITY_FLAGS = {
     "min_gold_accuracy": (float, 0.0, 1.0, "annotators below this gold accuracy are flagged for exclusion"),
     "min_gold_votes": (int, 1, 100_000, "gold votes needed before an annotator can be flagged"),
     "reports_to_hide": (int, 1, 100_000, "annotators' reports that take a prompt or story out of the arena before a researcher reviews it"),
+    "annotators_per_address_per_hour": (int, 0, 1_000_000, "new annotator names one client address may create in any hour; 0 = no limit"),
+    "max_queued_jobs": (int, 0, 10_000, "queued jobs one researcher may have waiting at once; 0 = no limit"),
+    "max_upload_mb": (float, 0.001, 100_000.0, "largest file anyone may upload (a pretrain corpus), in MB"),
+    "session_capacity": (int, 10, 1_000_000, "browser sessions kept in memory; the least recently used beyond it are dropped"),
+    "session_idle_minutes": (float, 1.0, 10_080.0, "a sign-in is forgotten this long after it was made; sign in again then"),
 }
 ENV_VARS.update({name: f"STORY_ARENA_{name.upper()}" for name in QUALITY_FLAGS})
 
@@ -78,6 +85,12 @@ class Settings:
     min_gold_accuracy: float = 0.7
     min_gold_votes: int = 5
     reports_to_hide: int = 3
+    annotators_per_address_per_hour: int = 30
+    max_queued_jobs: int = 5
+    max_upload_mb: float = 25.0
+    session_capacity: int = 1000
+    session_idle_minutes: float = 240.0
+    trusted_proxies: tuple[str, ...] = ()  # proxy addresses/networks whose X-Forwarded-For is believed
     metrics_corpus: Path | None = None  # stories (.txt or .jsonl) for each policy's held-out perplexity
     light_jobs: int = 1  # light jobs (publish, push, pool, prepare) run at once beside the one training job
 
@@ -96,6 +109,27 @@ class Settings:
     @property
     def exports_dir(self) -> Path:
         return self.data_dir / "exports"
+
+    @property
+    def protected_paths(self) -> tuple[Path, ...]:
+        """What no researcher input may point the app at: the database and its journal
+        files (SQLite holds them), job logs and exports."""
+        db = self.db_path
+        journals = tuple(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))
+        return (db, *journals, self.jobs_dir, self.exports_dir)
+
+    def data_file(self, value, field: str) -> Path:
+        """A file named by a researcher (e.g. a corpus), resolved (relative to the data dir)
+        and accepted only inside the data dir, never one of protected_paths. The error
+        never echoes the path, so it cannot tell what exists elsewhere on the server."""
+        refused = ValueError(f"{field}: give an uploaded file or a file inside the data folder.")
+        if not isinstance(value, str | Path) or not str(value).strip() or len(str(value)) > 1000:
+            raise refused
+        path = (self.data_dir / Path(value).expanduser()).resolve()
+        if not path.is_relative_to(self.data_dir) or any(
+                path == p or path.is_relative_to(p) for p in self.protected_paths):
+            raise refused
+        return path
 
     def store(self) -> Store:
         return Store(self.db_path)
@@ -125,6 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, _, _, text) in QUALITY_FLAGS.items():
         default = Settings.__dataclass_fields__[name].default
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (env {ENV_VARS[name]}; default {default})")
+    parser.add_argument("--trusted-proxies", help=f"comma-separated proxy addresses or networks (e.g. 10.0.0.0/8) whose X-Forwarded-For header names the client; default none: the connecting address counts (env {ENV_VARS['trusted_proxies']})")
     parser.add_argument("--metrics-corpus", type=Path, help=f"story corpus (.txt or .jsonl) for each policy's held-out perplexity on the Metrics tab; none: not measured (env {ENV_VARS['metrics_corpus']})")
     parser.add_argument("--admins", help=f"comma-separated Hugging Face usernames with the admin role when signed in with Hugging Face (env {ENV_VARS['admins']})")
     parser.add_argument("--hub-dataset", help=f"Hub dataset repo (owner/name) the preferences are published to (env {ENV_VARS['hub_dataset']})")
@@ -181,6 +216,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         pool_prompts=pool_prompts,
         pair_prompt_sources=pair_prompt_sources,
         pair_prompt_collections=tuple(sorted(_name_set(getattr(args, "pair_prompt_collections", None) or ""))) or None,
+        trusted_proxies=_networks(pick("trusted_proxies", "") or ""),
         **_quality_settings(pick),
         metrics_corpus=Path(metrics_corpus).expanduser().resolve() if metrics_corpus else None,
         light_jobs=light_jobs,
@@ -196,6 +232,17 @@ def _prompt_sources(text: str | None) -> tuple[str, ...] | None:
     if unknown or not chosen:
         raise ValueError(f"--pair-prompt-sources takes sources of {', '.join(PROMPT_SOURCES)}, got {text!r}.")
     return tuple(s for s in PROMPT_SOURCES if s in chosen)
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """--trusted-proxies as checked address or network strings (uvicorn's syntax)."""
+    chosen = tuple(n.strip() for n in text.split(",") if n.strip())
+    for network in chosen:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"--trusted-proxies takes addresses or networks like 10.0.0.0/8, got {network!r}.") from None
+    return chosen
 
 
 def _name_set(text: str) -> frozenset[str]:

@@ -18,11 +18,24 @@ def _decode(row: dict) -> dict:
     return {**row, "params": loads(row["params"]), "metrics": loads(row["metrics"])}
 
 
-def create_job(db: Database, kind: str, params: dict, created_by: int | None = None) -> int:
-    return db["jobs"].insert({
-        "kind": kind, "params": dumps(params), "status": "queued", "progress": 0.0,
-        "message": "queued", "created_at": time.time(), "created_by": created_by,
-    }).last_pk
+def check_queue_room(db: Database, created_by: int | None, max_queued: int) -> None:
+    """Refuse (ValueError) when `created_by` already has max_queued jobs waiting; 0 = no cap."""
+    if not max_queued or created_by is None:
+        return
+    waiting = db.execute("SELECT count(*) FROM jobs WHERE status = 'queued' AND created_by = ?", [created_by]).fetchone()[0]
+    if waiting >= max_queued:
+        raise ValueError(f"Too many queued jobs: at most {max_queued} waiting per researcher; "
+                         "wait for one to start or cancel one.")
+
+
+def create_job(db: Database, kind: str, params: dict, created_by: int | None = None, max_queued: int = 0) -> int:
+    """Queue a job; refused while its creator has max_queued jobs waiting (check_queue_room)."""
+    with write_transaction(db):
+        check_queue_room(db, created_by, max_queued)
+        return db["jobs"].insert({
+            "kind": kind, "params": dumps(params), "status": "queued", "progress": 0.0,
+            "message": "queued", "created_at": time.time(), "created_by": created_by,
+        }).last_pk
 
 
 def get_job(db: Database, job_id: int) -> dict:

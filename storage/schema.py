@@ -233,6 +233,21 @@ def m005_quality_controls(db: Database) -> None:
     db["annotators"].add_column("excluded_reason", str)
 
 
+@MIGRATIONS()
+def m010_annotator_identity(db: Database) -> None:
+    """annotators.name_key (storage.annotators.name_key: look-alike names share it) and
+    annotators.token_hash (the SHA-256 of the secret of the browser that claimed the name).
+
+    Existing rows get their key now and no token: the next browser to sign in claims them.
+    Not unique: names made before this migration may already share a key (the oldest wins).
+    """
+    from storage.annotators import name_key
+
+    db["annotators"].add_column("name_key", str)
+    db["annotators"].add_column("token_hash", str)
+    for row in db.query("SELECT id, name FROM annotators"):
+        db.execute("UPDATE annotators SET name_key = ? WHERE id = ?", [name_key(row["name"]), row["id"]])
+    db["annotators"].create_index(["name_key"])
 # Seeded once into content_themes by m012; researchers edit the stored list afterwards.
 _DEFAULT_UNSUITABLE_THEMES = (
     "corpse", "corpses", "dead body", "dead bodies", "gore", "gory", "blood-soaked", "murder",

@@ -181,8 +181,7 @@ def test_annotators_cannot_use_researcher_actions(app):
     models_before, jobs_before = models_snapshot(data_dir), job_count(data_dir)
     folder = str(data_dir / "models" / "tiny-gpt2")
     never_signed_in = client(url)
-    # Same letters, other case: names are matched exactly, so this is an annotator.
-    annotator, out = sign_in(url, RESEARCHER.capitalize())
+    annotator, out = sign_in(url, "Nora")
     assert "(annotator)" in out[0]
     for c in (never_signed_in, annotator):
         with pytest.raises(AppError, match="researcher role|Sign in"):
@@ -210,8 +209,7 @@ def test_researcher_exports_preferences(app, researcher):
     assert [r[1] for r in mine] == ["a", "tie"]
     decided_id, tie_id = mine[0][0], mine[1][0]
 
-    path = Path(researcher.predict(False, api_name="/export"))
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for line in researcher.predict(False, api_name="/export").splitlines()]
     assert records, "the export is empty"
     for record in records:
         assert isinstance(record["prompt"], str) and record["prompt"]
@@ -231,8 +229,7 @@ def test_researcher_exports_preferences(app, researcher):
     assert (by_vote[decided_id]["chosen"], by_vote[decided_id]["rejected"]) == (text_a, text_b)
 
     # With undecided votes included, the tie is there with its label.
-    path = Path(researcher.predict(True, api_name="/export"))
-    labelled = {r["vote_id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    labelled = {r["vote_id"]: r for r in map(json.loads, researcher.predict(True, api_name="/export").splitlines())}
     assert labelled[tie_id]["label"] == "tie"
     assert "label" not in labelled[decided_id]
 
@@ -411,7 +408,7 @@ def test_simulated_annotators_vote_through_the_api(app):
     assert names == {"sim-7-0", "sim-7-1"}
 
 
-def test_job_details_show_the_held_out_evaluation(app):
+def test_job_details_show_the_held_out_evaluation(app, researcher):
     url, data_dir = app
     held_out = [{"prompt": f"Prompt {i}.", "chosen": "A long story about a cat who found a hat.", "rejected": "A cat."}
                 for i in range(4)]
@@ -421,11 +418,11 @@ def test_job_details_show_the_held_out_evaluation(app):
         execute(db(data_dir), "INSERT INTO jobs (kind, params, status, progress, message, created_at, metrics)"
                 " VALUES ('reward', '{}', 'succeeded', 1.0, 'done', 0, ?)", [json.dumps(metrics)])
         job_ids.append(query(db(data_dir), "SELECT max(id) FROM jobs")[0][0])
-    _, _, text = client(url).predict(job_ids[0], api_name="/job_details")
+    _, _, text = researcher.predict(job_ids[0], api_name="/job_details")
     assert text == heldout_markdown(report)
     assert "0.25 (95% interval" in text and "4 pairs from 4 held-out prompts" in text
     assert "longer story wins 1.00" in text and "**Warning:** The model does not beat" in text
-    assert client(url).predict(job_ids[1], api_name="/job_details")[2] == ""
+    assert researcher.predict(job_ids[1], api_name="/job_details")[2] == ""
 
 
 def test_researcher_only_job_launch(app, researcher):

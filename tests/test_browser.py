@@ -7,6 +7,8 @@ Debian build at /usr/bin/chromium driven by Playwright.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -313,3 +315,44 @@ def test_opening_a_tab_shows_what_was_stored_after_the_page_loaded(arena, page):
     execute(db_path(data_dir), "INSERT INTO prompts (text, source, created_at) VALUES (?, 'user', 0)", [text])
     page.get_by_role("tab", name="Prompts").click()
     expect(page.locator("#prompts-table")).to_contain_text(text)
+
+
+def test_a_name_belongs_to_the_browser_that_first_used_it(arena, browser, page):
+    """The browser's token (localStorage) claims a name; another browser is refused it."""
+    url, data_dir = arena
+    wait_for_pool(data_dir)
+    sign_in(page, url, "Tess")
+    token = page.evaluate("() => localStorage.getItem('story-arena-token')")
+    assert token and re.fullmatch(r"[0-9a-f]{32}", token)
+    stored = query(db_path(data_dir), "SELECT token_hash FROM annotators WHERE name = 'Tess'")
+    assert stored == [(hashlib.sha256(token.encode()).hexdigest(),)]
+
+    other_context = browser.new_context(viewport={"width": 1280, "height": 900})
+    other = other_context.new_page()
+    other.set_default_timeout(UI_WAIT_MS)
+    other.goto(url)
+    other.locator("#annotator-name").get_by_role("textbox").fill("tess")
+    other.click("#sign-in")
+    expect(other.get_by_text("is taken").first).to_be_visible()
+    expect(other.locator("#who")).not_to_contain_text("Signed in")
+    other_context.close()
+
+    # The first browser, after a reload, is still Tess (same token, unchanged).
+    sign_in(page, url, "Tess")
+    assert page.evaluate("() => localStorage.getItem('story-arena-token')") == token
+
+
+def test_researchers_export_as_a_download_without_a_file_url(arena, page):
+    url, data_dir = arena
+    wait_for_pool(data_dir)
+    sign_in(page, url, "rita")
+    press_on_body(page, "1")  # at least one vote to export
+    expect(page.locator("#reveal")).to_contain_text("You chose A is better")
+    page.get_by_role("tab", name="Data").click()
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Export preferences (JSONL, TRL format)").click()
+    download = download_info.value
+    assert download.suggested_filename.startswith("preferences-") and download.suggested_filename.endswith(".jsonl")
+    lines = Path(download.path()).read_text(encoding="utf-8").splitlines()
+    assert all(json.loads(line)["prompt"] for line in lines)
+    assert not (data_dir / "exports").exists()

@@ -82,7 +82,8 @@ def test_data_lives_in_slash_data_owned_by_the_app_user():
     assert "mkdir /data" in runs and f"chown {user}:{user} /data" in runs
     env = dict(item.split("=", 1) for args in arguments("ENV") for item in shlex.split(args))
     assert env["HF_HOME"].startswith("/data/")  # downloaded Hub models persist too
-    assert env["FORWARDED_ALLOW_IPS"] == "*"  # per-address vote limits see visitors, not the proxy
+    # No proxy is trusted by default: a forged X-Forwarded-For must not pick the client address.
+    assert "FORWARDED_ALLOW_IPS" not in env and "STORY_ARENA_TRUSTED_PROXIES" not in env
     assert settings_module.SPACE_DATA_DIR == Path("/data")
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import html
+import secrets
 
 import gradio as gr
 
 from rlhf import arena
+from rlhf.quality import VoteRateLimiter
 from rlhf.settings import Settings
 from storage.db import Store
 from ui.arena import KEYBOARD_JS, RUBRIC_JS, build_arena_tab
@@ -27,12 +29,22 @@ table.jobs { width: 100%; border-collapse: collapse; }
 table.jobs td, table.jobs th { padding: 0.25rem 0.5rem; border-bottom: 1px solid var(--border-color-primary); text-align: left; }
 .compare-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(18rem, 1fr)); gap: 0.75rem; }
 """
+# The browser's secret for the names it claims (rlhf.arena.sign_in): read from localStorage
+# into the sign-in call, and stored there once the server has answered with it.
+TOKEN_STORAGE_KEY = "story-arena-token"
+SEND_TOKEN_JS = f"(name, key, token) => [name, key, localStorage.getItem('{TOKEN_STORAGE_KEY}') || '']"
+KEEP_TOKEN_JS = f"(token) => {{ if (token) localStorage.setItem('{TOKEN_STORAGE_KEY}', token); }}"
+# Temporary files (uploads, downloads) are deleted hourly once an hour old.
+DELETE_CACHE = (3600, 3600)
 
 
 def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
-    """The Blocks app and the keyword arguments its launch() needs (CSS, keyboard script)."""
-    with gr.Blocks(title="Story Arena") as demo:
-        session = gr.State(None)
+    """The Blocks app and the keyword arguments its launch() needs (CSS, keyboard script,
+    upload and session limits)."""
+    name_limiter = VoteRateLimiter.for_new_names(settings)
+    with gr.Blocks(title="Story Arena", delete_cache=DELETE_CACHE) as demo:
+        # Gradio drops the value this long after sign-in: an idle session holds nothing.
+        session = gr.State(None, time_to_live=settings.session_idle_minutes * 60)
         gr.Markdown("# Story Arena\nWhich story is better? Your votes train the next storytellers.")
         with gr.Row(equal_height=True):
             name = gr.Textbox(label="Your name", max_length=settings.max_name_chars, elem_id="annotator-name", scale=3)
@@ -40,6 +52,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             sign_in = gr.Button("Sign in", variant="primary", elem_id="sign-in", scale=1)
             if settings.hub_oauth:
                 gr.LoginButton(scale=1)
+        token = gr.Textbox(visible=False, elem_id="browser-token")
         who_md = gr.Markdown(elem_id="who")
         with gr.Tabs():
             with gr.Tab("Arena", id="arena"):
@@ -62,19 +75,23 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
                 load_jobs, jobs_table, job_tools = build_jobs_tab(settings, store, session)
         researcher_groups = [model_tools, data_tools, train_tools, job_tools, prompt_tools]
 
-        def signed_in(who):
+        def signed_in(who, browser_token):
             researcher = who["role"] in ("researcher", "admin")
             welcome = f"Signed in as **{html.escape(who['name'])}** ({who['role']})."
             return (
                 who, welcome, *[gr.Group(visible=researcher) for _ in researcher_groups],
-                *arena_tab["load_pair"](who, None), *load_counts(who),
+                *arena_tab["load_pair"](who, None), *load_counts(who), browser_token,
             )
 
-        def do_sign_in(name_text, key_text):
+        def do_sign_in(name_text, key_text, token_text=None, request: gr.Request = None):
+            """A client without a token (a first visit, an API client) gets a new one back."""
+            browser_token = token_text or secrets.token_hex(16)
+            address = request.client.host if request.client else None
             try:
-                return signed_in(arena.sign_in(store, settings, name_text, key_text))
+                who = arena.sign_in(store, settings, name_text, key_text, browser_token, name_limiter, address)
             except arena.ArenaError as exc:
                 raise gr.Error(str(exc)) from exc
+            return signed_in(who, browser_token)
 
         def do_hub_sign_in(profile: gr.OAuthProfile | None):
             """After "Sign in with Hugging Face" the page reloads: Gradio injects the verified
@@ -82,15 +99,17 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             if profile is None:
                 return tuple(gr.skip() for _ in sign_in_outputs)
             try:
-                return signed_in(arena.sign_in_hub(store, settings, profile.username))
+                return signed_in(arena.sign_in_hub(store, settings, profile.username), gr.skip())
             except arena.ArenaError as exc:
                 raise gr.Error(str(exc)) from exc
 
-        sign_in_outputs = [session, who_md, *researcher_groups, *arena_tab["outputs"], *count_outputs]
+        sign_in_outputs = [session, who_md, *researcher_groups, *arena_tab["outputs"], *count_outputs, token]
         if settings.hub_oauth:
             demo.load(do_hub_sign_in, None, sign_in_outputs, api_visibility="private")
-        sign_in.click(do_sign_in, [name, key], sign_in_outputs, api_name="sign_in")
-        name.submit(do_sign_in, [name, key], sign_in_outputs, api_visibility="private")
+        sign_in.click(do_sign_in, [name, key, token], sign_in_outputs, api_name="sign_in", js=SEND_TOKEN_JS).success(
+            None, token, None, js=KEEP_TOKEN_JS)
+        name.submit(do_sign_in, [name, key, token], sign_in_outputs, api_visibility="private", js=SEND_TOKEN_JS).success(
+            None, token, None, js=KEEP_TOKEN_JS)
         # Each tab is filled when the page loads and again whenever it is opened, so what it
         # shows is never older than the click that brought it up (the first start fills the
         # database while the page is already open).
@@ -101,10 +120,14 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             (prompts_tab, show_prompts, prompt_source, prompt_table),
             (models_tab, load_models, None, models_table),
             (train_tab, load_bases, None, base_picker),
-            (jobs_tab, load_jobs, None, jobs_table),
+            (jobs_tab, load_jobs, session, jobs_table),
         ]
         for tab, load, inputs, outputs in tab_contents:
             demo.load(load, inputs, outputs, api_visibility="private")
             tab.select(load, inputs, outputs, api_visibility="private", show_progress="hidden")
         demo.load(lambda: load_counts(None)[0], None, count_outputs[0], api_visibility="private")
-    return demo, {"css": CSS, "head": KEYBOARD_JS + RUBRIC_JS}
+    return demo, {
+        "css": CSS, "head": KEYBOARD_JS + RUBRIC_JS,
+        "max_file_size": int(settings.max_upload_mb * 1024 * 1024),
+        "state_session_capacity": settings.session_capacity,
+    }

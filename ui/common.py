@@ -6,6 +6,10 @@ import html
 
 import gradio as gr
 
+from rlhf.params import check_whole
+
+MAX_ROW_ID = 2**63 - 1  # SQLite's largest integer: a larger id fails inside sqlite3
+
 
 def story_html(text: str, css_class: str = "story") -> str:
     """Untrusted text as inert HTML: escaped, line breaks kept by CSS."""
@@ -24,3 +28,13 @@ def require_researcher(session: dict | None) -> dict:
     if session.get("role") not in ("researcher", "admin"):
         raise gr.Error("This action needs the researcher role.")
     return session
+
+
+def row_id(value, field: str) -> int:
+    """An id from a form or an API call, or a one-line error naming the field."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        return check_whole(field, value, 1, MAX_ROW_ID)
+    except ValueError as exc:
+        raise gr.Error(str(exc)) from exc

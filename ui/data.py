@@ -12,13 +12,25 @@ import gradio as gr
 import pandas as pd
 
 from rlhf import hub, preferences, quality, safety
-from rlhf.export import preference_records, write_jsonl
+from rlhf.export import jsonl_line, preference_records
 from rlhf.settings import Settings
 from rlhf.weak import WeakParams, label_pool
 from storage import content, scores, votes
 from storage import quality as quality_rows
 from storage.db import Store
-from ui.common import require_researcher
+from ui.common import require_researcher, row_id
+
+
+# The export reaches the browser only as the answer to the researcher's own click (the
+# handler checks the role): no file URL exists that anyone else could fetch.
+DOWNLOAD_JS = """(text) => {
+  if (!text) return;
+  const link = document.createElement('a');
+  link.href = URL.createObjectURL(new Blob([text], {type: 'application/jsonl'}));
+  link.download = 'preferences-' + new Date().toISOString().slice(0, 19).replace(/[:T]/g, '-') + '.jsonl';
+  link.click();
+  URL.revokeObjectURL(link.href);
+}"""
 
 WEAK_COLUMNS = ["lf", "rule", "coverage", "overlap", "conflict", "human_pairs", "accuracy"]
 
@@ -49,7 +61,7 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
                                  interactive=False)
         include_undecided = gr.Checkbox(label="Include ties and both-bad votes (marked with `label`)", value=False)
         export = gr.Button("Export preferences (JSONL, TRL format)", variant="primary")
-        download = gr.File(label="Download", interactive=False)
+        exported = gr.Textbox(visible=False, elem_id="export-jsonl")
         target = settings.hub_dataset or "no dataset repo set (--hub-dataset)"
         publish = gr.Button(f"Publish preferences to the Hub ({target})")
         published = gr.Markdown()
@@ -72,13 +84,13 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
                               columns=["reward_model_id", "reward_model", "decided", "agreed", "agreement"])
         return sources, annotators, agreed
 
-    def export_file(who, undecided):
+    def export_jsonl(who, undecided):
+        """The preferences as JSON lines, which the browser saves as a file (DOWNLOAD_JS)."""
         require_researcher(who)
-        path = settings.exports_dir / f"preferences-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-        count = write_jsonl(preference_records(store, include_undecided=bool(undecided)), path)
-        if count == 0:
+        text = "".join(map(jsonl_line, preference_records(store, include_undecided=bool(undecided))))
+        if not text:
             gr.Warning("No votes to export yet.")
-        return str(path)
+        return text
 
     def weak_analysis(who):
         require_researcher(who)
@@ -98,7 +110,8 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
             raise gr.Error(str(exc)) from exc
         return f"Publishing as job {job_id} (see the Jobs tab); voting goes on meanwhile."
 
-    export.click(export_file, [session, include_undecided], download, api_name="export")
+    export.click(export_jsonl, [session, include_undecided], exported, api_name="export").success(
+        None, exported, None, js=DOWNLOAD_JS)
     publish.click(publish_to_hub, session, published, api_name="publish")
     return counts, [by_source, by_annotator, agreement], researcher_tools
 
@@ -188,7 +201,7 @@ def build_quality_block(settings: Settings, store: Store, session: gr.State) -> 
         if prompt is None:
             raise gr.Error("Enter the prompt id of the gold pair.")
         try:
-            gold_id = quality.add_gold_pair(store, int(prompt), better_policy, worse_policy, who["id"])
+            gold_id = quality.add_gold_pair(store, row_id(prompt, "Prompt id"), better_policy, worse_policy, who["id"])
         except (ValueError, LookupError) as exc:
             raise gr.Error(str(exc)) from exc
         return refreshed(who, f"Added gold pair {gold_id}.")

@@ -11,7 +11,7 @@ from rlhf import hub, policies
 from rlhf.settings import Settings
 from storage import completions, models
 from storage.db import Store
-from ui.common import require_researcher
+from ui.common import require_researcher, row_id
 
 COLUMNS = ["id", "name", "kind", "parent", "source", "decoding", "active", "stories"]
 
@@ -64,7 +64,7 @@ def build_models_tab(settings: Settings, store: Store, session: gr.State):
         if model is None:
             raise gr.Error("Enter a policy id.")
         try:
-            record = policies.set_active(store, int(model), bool(on))
+            record = policies.set_active(store, row_id(model, "Policy id"), bool(on))
         except LookupError as exc:
             raise gr.Error(str(exc)) from exc
         return policy_table(store), f"**{record.name}** is now {'active' if record.active else 'inactive'}."

@@ -19,7 +19,7 @@ from rlhf.progress import read_metrics
 from storage import jobs as job_rows
 from storage import models
 from storage.db import Store
-from ui.common import require_researcher
+from ui.common import require_researcher, row_id
 
 KIND_HELP = {
     "reward": "Reward model on the human preferences (RewardTrainer). Base: the policy whose weights start it.",
@@ -81,13 +81,18 @@ def save_upload(settings: Settings, upload: str | None) -> str | None:
     return str(target)
 
 
-def jobs_html(settings: Settings, store: Store) -> str:
+def jobs_html(settings: Settings, store: Store, who: dict | None = None) -> str:
     """The jobs table with each job's lane (a light job runs beside training), progress bar and
-    training curve; every text cell escaped."""
+    training curve; every text cell escaped. Errors can name server paths, so only researchers
+    see them."""
+    researcher = bool(who) and who.get("role") in ("researcher", "admin")
     rows = []
     for job in job_rows.list_jobs(store.db, limit=30):
         percent = int(round(100 * (job["progress"] or 0)))
-        detail = job["error"] or job["message"] or ""
+        error = job["error"]
+        if error and not researcher:
+            error = "(the error is shown to researchers)"
+        detail = error or job["message"] or ""
         rows.append(
             f"<tr><td>{job['id']}</td><td>{html.escape(job['kind'])}</td><td>{job_lane(job['kind'])}</td>"
             f"<td>{html.escape(job['status'])}</td>"
@@ -170,10 +175,15 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
         try:
             corpus_path = save_upload(settings, upload) if kind_value == "pretrain" else None
             params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path, judges)
+            if isinstance(params.get("corpus"), dict) and "file" in params["corpus"]:
+                params["corpus"]["file"] = str(settings.data_file(params["corpus"]["file"], "corpus file"))
             check_training_params(store, kind_value, params)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-        job_id = job_rows.create_job(store.db, kind_value, params, who["id"])
+        try:
+            job_id = job_rows.create_job(store.db, kind_value, params, who["id"], max_queued=settings.max_queued_jobs)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
         return f"Queued job **{job_id}** ({html.escape(kind_value)}). Follow it in the Jobs tab."
 
     kind.change(lambda k: KIND_HELP.get(k, ""), kind, kind_help, api_visibility="private")
@@ -198,34 +208,40 @@ def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
     log = gr.Code(label="Log (last lines)", language=None)
     timer = gr.Timer(3.0)
 
-    def details(job):
+    def details(who, job):
+        """Logs can hold tracebacks with server paths: researchers only."""
+        require_researcher(who)
         if job is None:
             return gr.skip(), gr.skip(), gr.skip()
+        job = row_id(job, "Job id")
         try:
-            row = job_rows.get_job(store.db, int(job))
+            row = job_rows.get_job(store.db, job)
         except LookupError as exc:
             raise gr.Error(str(exc)) from exc
         held_out = heldout_markdown((row["metrics"] or {}).get("heldout"))
-        return _curve(settings, row), _log_tail(settings, int(job)), held_out
+        return _curve(settings, row), _log_tail(settings, job), held_out
 
     def cancel_job(who, job):
         require_researcher(who)
+        job = row_id(job, "Job id")
         try:
-            status = job_rows.request_cancel(store.db, int(job))
-        except (LookupError, TypeError) as exc:
+            status = job_rows.request_cancel(store.db, job)
+        except LookupError as exc:
             raise gr.Error(f"No job {job}.") from exc
-        return jobs_html(settings, store), f"Job {int(job)}: {status}."
+        return jobs_html(settings, store, who), f"Job {job}: {status}."
 
     def resume_job(who, job):
         require_researcher(who)
+        job = row_id(job, "Job id")
         try:
-            job_rows.requeue(store.db, int(job))
-        except (LookupError, ValueError, TypeError) as exc:
+            job_rows.requeue(store.db, job)
+        except (LookupError, ValueError) as exc:
             raise gr.Error(str(exc)) from exc
-        return jobs_html(settings, store), f"Job {int(job)} queued again; it resumes from its last checkpoint."
+        return jobs_html(settings, store, who), f"Job {job} queued again; it resumes from its last checkpoint."
 
-    show.click(details, job_id, [loss, log, heldout], api_name="job_details")
+    show.click(details, [session, job_id], [loss, log, heldout], api_name="job_details")
     cancel.click(cancel_job, [session, job_id], [table, action], api_name="cancel_job")
     resume.click(resume_job, [session, job_id], [table, action], api_name="resume_job")
-    timer.tick(lambda: jobs_html(settings, store), None, table, api_visibility="private", show_progress="hidden")
-    return (lambda: jobs_html(settings, store)), table, tools
+    timer.tick(lambda who: jobs_html(settings, store, who), session, table, api_visibility="private",
+               show_progress="hidden")
+    return (lambda who: jobs_html(settings, store, who)), table, tools
