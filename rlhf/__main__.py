@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf import jobs
+from rlhf.runner import kind_names
 from rlhf.settings import Settings, add_arguments, from_args
 
 
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default <data dir>/exports/preferences.jsonl)")
     export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")
     train = command("train", cmd_train, "run a training job to completion (the same job the Train tab queues)")
-    train.add_argument("kind", choices=sorted(jobs.TRAINING_KINDS), help="what to train")
+    train.add_argument("kind", choices=sorted(kind_names()), help="what to train")
     train.add_argument("--base", type=int, help="base policy (or reward model) id")
     train.add_argument("--max-steps", type=int, help="override the preset's step budget")
     train.add_argument("--preset", choices=["quick", "full"], help="step budget (default quick)")

@@ -1,6 +1,6 @@
 """Direct Preference Optimization on the arena's human preferences (TRL 1.16 DPOTrainer).
 
-One entry point, `train_dpo(settings, params, progress) -> ModelRecord`:
+The `dpo` training kind (rlhf.runner: `run(ctx) -> JobResult`):
 
 - data: decided human votes (rlhf.training.preference_data) with a held-out split that
   stays put as votes arrive; prompts are wrapped by rlhf.generate.format_prompt so the model
@@ -23,9 +23,9 @@ One entry point, `train_dpo(settings, params, progress) -> ModelRecord`:
   training stops early enough for the evaluation (shrunk to what fits, at least 4 pairs)
   and the save; max_steps only caps it on faster machines. max_minutes 0 means no limit
   (the full preset). Held-out votes beyond max_eval_pairs are left out of both sets.
-- resume: checkpoints go to progress.output_dir("dpo"); a re-queued job continues from the
-  last one. On success the merged model is saved in that folder as a plain model, the
-  checkpoints are removed, and the model is registered as a child of the base policy.
+- resume: checkpoints go to the job's output folder; a re-queued job continues from the
+  last one (the runner finds it). The merged model is saved as a plain model and
+  registered as a child of the base policy.
 - metrics: eval_reward_accuracy is the share of held-out pairs whose implicit reward
   beta * (log-ratio chosen - log-ratio rejected) is > 0. It is TRL's eval_rewards/accuracies,
   which averages per-batch means; the eval batch size is chosen to divide the number of
@@ -37,34 +37,34 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from rlhf.generate import format_prompt
-from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
-from rlhf.settings import Settings
+from rlhf.generate import prompt_and_story
+from rlhf.params import (
+    check_choice,
+    check_optional_bool,
+    check_real,
+    check_whole,
+    given_params,
+)
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
+    ProgressCallback,
     chosen_model,
-    job_result,
     load_trainable_lm,
     lora_and_rate,
     lora_config,
-    JobProgress,
-    ProgressCallback,
     preference_data,
-    register_checkpoint,
-    resume_checkpoint,
     trainer_device_args,
 )
 from storage.models import ModelRecord
 
-KIND = "dpo"
+MODEL_KIND = "dpo"
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 DEFAULT_ROBUST_SMOOTHING = 0.1
 # Per preset: quick fits the SmolLM2-135M starter (LoRA) on 2 CPU cores in under 10 minutes.
@@ -206,11 +206,10 @@ class TimeBudget(TrainerCallback):
 
 def preference_dataset(records: list[dict], tokenizer) -> Dataset:
     """TRL's prompt/chosen/rejected with the generation prompt format."""
-    lead = "" if tokenizer.chat_template else " "
-    rows = [
-        {"prompt": format_prompt(tokenizer, r["prompt"]), "chosen": lead + r["chosen"], "rejected": lead + r["rejected"]}
-        for r in records
-    ]
+    rows = []
+    for r in records:
+        prompt, chosen = prompt_and_story(tokenizer, r["prompt"], r["chosen"])
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": prompt_and_story(tokenizer, r["prompt"], r["rejected"])[1]})
     return Dataset.from_list(rows)
 
 
@@ -248,18 +247,13 @@ def _policy_name(base: ModelRecord, loss_type: str) -> str:
     return stem + suffix
 
 
-def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
-    """Train a DPO child of params["base"] on the human votes and register it as a policy."""
+def run(ctx: JobContext) -> JobResult:
+    """Train a DPO child of params["base"] on the human votes."""
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    p = DPOParams.from_dict(params)
+    p, store, settings, progress = ctx.params, ctx.store, ctx.settings, ctx.progress
     deadline = time.monotonic() + 60 * p.max_minutes if p.max_minutes else None
-    store = settings.store()
-    done = job_result(store, progress.job_id, KIND)
-    if done is not None:
-        progress(1.0, f"model already registered as #{done.id} {done.name}")
-        return done
     base = chosen_model(store, p.base, "base policy")
     train_records, eval_records, snapshot = preference_data(
         store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
@@ -283,10 +277,8 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
         ref_model = AutoModelForCausalLM.from_pretrained(base.source, token=settings.hub_token, dtype=torch.float32)
 
     steps = p.steps_for(len(train_records))
-    output_dir = progress.output_dir(KIND)
-    resume = resume_checkpoint(output_dir)
     args = DPOConfig(
-        output_dir=str(output_dir),
+        output_dir=str(ctx.output_dir),
         **trainer_device_args(settings),
         max_steps=steps,
         save_steps=max(1, steps // 4),
@@ -316,9 +308,9 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"Every training prompt fills max_length ({max_length} tokens); raise max_length.")
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
     train_seconds = time.perf_counter() - started
-    resumed_from = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
+    resumed_from = ctx.resumed_step if ctx.resume_from else None
 
     eval_metrics: dict = {}
     eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
@@ -335,8 +327,7 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
     if isinstance(trained, PeftModel):
         trained = trained.merge_and_unload()
     trained.config.use_cache = use_cache
-    trained.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    folder = ctx.save_model(model_writer(trained, tokenizer))
 
     last_train = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
     metrics = {
@@ -364,11 +355,13 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
         "eval_reward_accuracy": _finite(eval_metrics.get("eval_rewards/accuracies")),
         "eval_reward_margin": _finite(eval_metrics.get("eval_rewards/margins")),
     }
-    record = register_checkpoint(
-        store, settings, name=_policy_name(base, p.loss_type), kind=KIND, path=output_dir, parent=base,
-        job_id=progress.job_id, metrics=metrics,
-    )
-    for checkpoint in output_dir.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    progress(1.0, f"registered #{record.id} {record.name}")
-    return record
+    return JobResult(models=[ModelSpec(
+        name=_policy_name(base, p.loss_type), kind=MODEL_KIND, path=folder, parent=base, metrics=metrics,
+    )])
+
+
+KIND = Kind(
+    name="dpo", params=DPOParams, run=run, needs_base_policy=True, learns_from_votes=True,
+    model_params={"base": "base policy"},
+    help="Direct Preference Optimization on the preferences (DPOTrainer; loss_type sigmoid, ipo or robust).",
+)

@@ -1,6 +1,6 @@
 """BabyLM / BabyStories pretraining: a GPT-2 trained from scratch on a small story corpus.
 
-One entry point, `train_pretrain(settings, params, progress) -> ModelRecord`. A byte-level
+The `pretrain` training kind (rlhf.runner: `run(ctx) -> JobResult`). A byte-level
 BPE (rlhf.models.train_bpe_tokenizer) is trained on the corpus, stories are joined with
 <|endoftext|> and packed into blocks of `block_size` tokens, and transformers' Trainer fits
 a causal LM on them. The result is a plain LM (no chat template), so the arena prompts it
@@ -46,8 +46,8 @@ steps a checkpoint also joins the arena as its own policy "<name>-stepN"; the ch
 then form a chain (each one's parent is the previous; the final model's parent is the
 last intermediate one) so pair selection compares consecutive checkpoints.
 
-Checkpoints go to progress.output_dir("pretrain"); a re-queued job resumes from the last
-one with the same tokenizer (saved beside them) and the same data split.
+Checkpoints go to the job's output folder; a re-queued job resumes from the last one with
+the same tokenizer (saved beside them) and the same data split.
 """
 
 from __future__ import annotations
@@ -79,22 +79,16 @@ from transformers import (
 
 from rlhf.generate import format_prompt
 from rlhf.models import resolve_device, train_bpe_tokenizer
-from rlhf.policies import POLICY_NAME
 from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.policies import POLICY_NAME
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.settings import Settings
-from rlhf.training import (
-    JobProgress,
-    ProgressCallback,
-    register_checkpoint,
-    chosen_model,
-    resume_checkpoint,
-    trainer_device_args,
-)
+from rlhf.training import ProgressCallback, chosen_model, trainer_device_args
 from storage import completions, models
 from storage.db import Store
 from storage.models import ModelRecord
 
-KIND = "pretrain"
+MODEL_KIND = "pretrain"
 SEED = 0
 
 # Architecture per size; context and vocabulary come from block_size / vocab_size.
@@ -521,18 +515,6 @@ def _load_or_train_tokenizer(folder: Path, texts: list[str], vocab_size: int, ma
     return tokenizer
 
 
-def _save_model(model, tokenizer, folder: Path) -> Path:
-    """Write a loadable folder atomically (a crash leaves no half-written model)."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
-    return folder
-
-
 def _recent_train_loss(log_history: list[dict]) -> float | None:
     losses = [e["loss"] for e in log_history if "loss" in e and math.isfinite(e["loss"])]
     tail = losses[-TRAIN_LOSS_WINDOW:]
@@ -555,12 +537,10 @@ class ArenaCheckpoints(TrainerCallback):
 # --------------------------------------------------------------------------- entry point
 
 
-def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
+def run(ctx: JobContext) -> JobResult:
     """Pretrain a small GPT-2 on a story corpus and enter it into the arena."""
-    p = PretrainParams.from_dict(params)
+    p, store, settings, progress, output_dir = ctx.params, ctx.store, ctx.settings, ctx.progress, ctx.output_dir
     budget = p.budget
-    store = settings.store()
-    output_dir = progress.output_dir(KIND)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     needed = p.max_steps * p.batch_size * p.block_size  # tokens training will see
@@ -600,19 +580,15 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
     }
 
     def save_intermediate(live_model, step: int) -> Path:
-        return _save_model(live_model, tokenizer, output_dir / f"step-{step}")
+        return ctx.save_model(model_writer(live_model, tokenizer), f"step-{step}")
 
     def register_intermediate(live_model, step: int, folder: Path, log_history: list[dict]) -> ModelRecord:
-        parent = chain.last or corpus.parent
-        existing = [m for m in models.list_models(store.db) if m.path == str(folder) and m.job_id == progress.job_id]
-        if existing:  # registered before this job was re-queued
-            return existing[0]
         loss = eval_loss(live_model, eval_blocks, p.batch_size, pad_id)
         metrics = {**base_metrics, "step": step, "eval_loss": loss, "eval_perplexity": _perplexity(loss),
                    "train_loss": _recent_train_loss(log_history), "train_tokens": step * p.batch_size * p.block_size}
-        return register_checkpoint(store, settings, name=f"{name}-step{step}", kind=KIND, path=folder,
-                                   parent=parent, job_id=progress.job_id, metrics=metrics,
-                                   decoding=dict(PRETRAIN_DECODING))
+        return ctx.register_now(ModelSpec(name=f"{name}-step{step}", kind=MODEL_KIND, path=folder,
+                                          parent=chain.last or corpus.parent, metrics=metrics,
+                                          decoding=dict(PRETRAIN_DECODING)))
 
     chain = ArenaCheckpoints(p.arena_every or 0, save_intermediate, register_intermediate)
     eval_every = max(1, math.ceil(p.max_steps / 5))
@@ -644,12 +620,12 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
         train_dataset=Blocks(train_blocks), eval_dataset=Blocks(eval_blocks[:TRAINER_EVAL_BLOCKS]),
         processing_class=tokenizer, callbacks=callbacks,
     )
-    resume = resume_checkpoint(output_dir)
+    resume = ctx.resume_from
     if p.arena_every and resume:  # keep the lineage chain across a re-queue
-        done = [m for m in models.list_models(store.db) if m.job_id == progress.job_id and m.kind == KIND]
+        done = [m for m in models.list_models(store.db) if m.job_id == ctx.job_id and m.kind == MODEL_KIND]
         chain.last = done[-1] if done else None
     progress(DATA_SHARE, f"training {p.max_steps} steps" + (f" (resuming {Path(resume).name})" if resume else ""))
-    start_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    start_step = ctx.resumed_step
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
@@ -657,7 +633,7 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
 
     progress(DATA_SHARE + TRAIN_SHARE, "measuring held-out perplexity")
     final_loss = eval_loss(model, eval_blocks, p.batch_size, pad_id)
-    folder = _save_model(model, tokenizer, output_dir / "model")
+    folder = ctx.save_model(model_writer(model, tokenizer))
     metrics = {
         **base_metrics, "steps": steps, "train_loss": _recent_train_loss(trainer.state.log_history),
         "eval_loss": final_loss, "eval_perplexity": _perplexity(final_loss),
@@ -667,14 +643,16 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
         if steps > start_step else None,
         "train_seconds": seconds, "resumed_from_step": start_step,
     }
-    progress(0.98, "registering the policy")
-    record = register_checkpoint(
-        store, settings, name=name, kind=KIND, path=folder, parent=chain.last or corpus.parent,
-        job_id=progress.job_id, metrics=metrics, decoding=dict(PRETRAIN_DECODING),
+    return JobResult(
+        models=[ModelSpec(name=name, kind=MODEL_KIND, path=folder, parent=chain.last or corpus.parent,
+                          metrics=metrics, decoding=dict(PRETRAIN_DECODING))],
+        message=f"{name}: held-out perplexity {metrics['eval_perplexity']:.1f} "
+                f"(untrained {metrics['init_eval_perplexity']:.0f})",
     )
-    for stale in output_dir.glob("checkpoint-*"):  # optimizer state is no longer needed
-        shutil.rmtree(stale, ignore_errors=True)
-    progress(1.0, f"{record.name}: held-out perplexity {metrics['eval_perplexity']:.1f} "
-                  f"(untrained {metrics['init_eval_perplexity']:.0f})")
-    return record
 
+
+
+KIND = Kind(
+    name="pretrain", params=PretrainParams, run=run,
+    help="BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
+)

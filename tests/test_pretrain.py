@@ -15,7 +15,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from rlhf import jobs, pretrain
+from rlhf import jobs, pretrain, training
 from rlhf.generate import Decoding, generate_stories
 from rlhf.models import load_causal_lm
 from rlhf.pool import fill_pool
@@ -131,7 +131,7 @@ def test_pretrain_on_txt_upload_enters_the_arena(settings, txt_corpus):
 
 def test_jsonl_with_arena_checkpoints_and_resume(settings, jsonl_corpus, monkeypatch):
     params = {"corpus": {"file": str(jsonl_corpus)}, **TINY, "arena_every": 10, "name": "kid-lm"}
-    real_register = pretrain.register_checkpoint
+    real_register = training.register_checkpoint
     calls = []
 
     def crash_on_final(*args, **kwargs):  # the process dies after training, before registering
@@ -140,12 +140,12 @@ def test_jsonl_with_arena_checkpoints_and_resume(settings, jsonl_corpus, monkeyp
             raise RuntimeError("killed")
         return real_register(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "register_checkpoint", crash_on_final)
+    monkeypatch.setattr(training, "register_checkpoint", crash_on_final)
     job = jobs.run_inline(settings, "pretrain", params)
     assert job["status"] == "failed" and "killed" in job["error"]
     assert calls == ["kid-lm-step10", "kid-lm"]
 
-    monkeypatch.setattr(pretrain, "register_checkpoint", real_register)
+    monkeypatch.setattr(training, "register_checkpoint", real_register)
     job = run_queued(settings, job["id"])  # the worker re-runs the re-queued job
     assert job["status"] == "succeeded", job["error"]
     db = settings.store().db

@@ -10,7 +10,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from rlhf.jobs import TRAINING_KINDS, check_training_params, log_path
+from rlhf.jobs import log_path
+from rlhf.runner import check_params, kind_names
 from rlhf.params import json_object
 from rlhf.settings import Settings
 from rlhf.progress import read_metrics
@@ -45,9 +46,9 @@ def job_params(
     kind: str, base: int | None, preset: str, max_steps: float | None, extra: str, corpus: str | None,
     min_annotators: float | None = None,
 ) -> dict:
-    """The job's parameters from the form (check_training_params validates them)."""
-    if kind not in TRAINING_KINDS:
-        raise ValueError(f"Choose what to train: {', '.join(TRAINING_KINDS)}.")
+    """The job's parameters from the form (check_params validates them)."""
+    if kind not in kind_names():
+        raise ValueError(f"Choose what to train: {', '.join(kind_names())}.")
     params = json_object(extra, "Extra parameters", '{"beta": 0.1}')
     params["preset"] = preset
     if base not in (None, "") and kind not in KINDS_WITHOUT_BASE:
@@ -115,10 +116,10 @@ def _curve(settings: Settings, job: dict) -> pd.DataFrame:
 def build_train_tab(settings: Settings, store: Store, session: gr.State):
     gr.Markdown("Researchers only. Jobs run one at a time in the background; the result enters the arena by itself.")
     with gr.Group(visible=False) as tools:
-        kind = gr.Dropdown(label="Kind", choices=list(TRAINING_KINDS), value="reward")
+        kind = gr.Dropdown(label="Kind", choices=kind_names(), value="reward")
         kind_help = gr.Markdown(KIND_HELP["reward"])
         # Choices are refreshed on page load; a custom value lets API clients and pages opened
-        # before a model existed name any id, which check_training_params then checks.
+        # before a model existed name any id, which check_params then checks.
         base = gr.Dropdown(label="Base policy / model", choices=_model_choices(store), allow_custom_value=True)
         preset = gr.Radio(["quick", "full"], value="quick", label="Budget (quick: under 10 minutes on 2 CPU cores for the starter)")
         max_steps = gr.Number(label="Max steps (empty: from the budget)", precision=0)
@@ -137,7 +138,7 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
         try:
             corpus_path = save_upload(settings, upload) if kind_value == "pretrain" else None
             params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path, judges)
-            check_training_params(store, kind_value, params)
+            check_params(store, kind_value, params)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
         job_id = job_rows.create_job(store.db, kind_value, params, who["id"])
