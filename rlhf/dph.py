@@ -54,13 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf.models import resolve_device
-from rlhf.params import (
-    check_choice,
-    check_optional_bool,
-    check_real,
-    check_whole,
-    given_params,
-)
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.progress import JobProgress
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
 from rlhf.scoring import (
@@ -115,29 +109,35 @@ class DPHParams:
     full fine-tuning rate of rlhf.training.
     """
 
-    base: int
-    mode: str = "head"
-    objective: str = "contrastive"
-    label_smoothing: float = 0.0
-    pooler: str = "identity"
-    dropout: float = 0.1
-    w_dph: float = 1.0
-    w_dpo: float = 0.0
-    beta: float = 0.1
-    best_of: int = 4
-    preset: str = "quick"
-    max_steps: int = PRESET_VALUES["quick"]["head"]["max_steps"]
-    learning_rate: float = PRESET_VALUES["quick"]["head"]["learning_rate"]
-    lm_learning_rate: float | None = None
-    batch_size: int = PRESET_VALUES["quick"]["head"]["batch_size"]
-    max_length: int = PRESET_VALUES["quick"]["head"]["max_length"]
-    max_train_pairs: int = PRESET_VALUES["quick"]["head"]["max_train_pairs"]
-    max_eval_pairs: int = PRESET_VALUES["quick"]["head"]["max_eval_pairs"]
-    lora_r: int = 8
-    eval_fraction: float = 0.2
-    min_pairs: int = 8
-    min_annotators: int = 1
-    register_reward: bool = True
+    base: int = param(help="the policy whose LM the head reads", low=1, high=MODEL_ID_RANGE[1])
+    mode: str = param("head", "head: train the head on the frozen LM; lora / full: train the LM too", choices=MODES)
+    objective: str = param("contrastive", "contrastive (Bradley-Terry on the margin) or separable (each reward "
+                           "on its side of 0)", choices=OBJECTIVES)
+    label_smoothing: float = param(0.0, "assumed share of flipped labels", low=0, high=0.49)
+    pooler: str = param("identity", "identity, or bert (Linear + tanh) before the head", choices=POOLERS)
+    dropout: float = param(0.1, "dropout before the head", low=0, high=0.9)
+    w_dph: float = param(1.0, "weight of the DPH loss", low=0, high=100, low_open=True)
+    w_dpo: float = param(0.0, "weight of a conservative DPO term on the LM (modes lora and full)", low=0, high=100)
+    beta: float = param(0.1, "the DPO term's beta", low=0, high=10, low_open=True)
+    best_of: int = param(4, "the policy samples this many stories per prompt and keeps the head's best",
+                         low=1, high=64)
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
+    max_steps: int = param(PRESET_VALUES["quick"]["head"]["max_steps"], "optimizer steps", low=1, high=1_000_000)
+    learning_rate: float = param(PRESET_VALUES["quick"]["head"]["learning_rate"], "the head's learning rate", low=0, high=0.1,
+                                 low_open=True)
+    lm_learning_rate: float | None = param(None, "the LM's (lora/full; unset: the LoRA or full rate)", low=0,
+                                           high=0.01, low_open=True)
+    batch_size: int = param(PRESET_VALUES["quick"]["head"]["batch_size"], "preference pairs per step", low=1, high=1024)
+    max_length: int = param(PRESET_VALUES["quick"]["head"]["max_length"], "tokens of prompt + story", low=16, high=32_768)
+    max_train_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_train_pairs"], "training votes used at most", low=1,
+                                 high=10_000_000)
+    max_eval_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_eval_pairs"], "held-out votes evaluated at most", low=1,
+                                high=10_000_000)
+    lora_r: int = param(8, "LoRA rank (mode lora)", low=1, high=512)
+    eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.5)
+    min_pairs: int = param(8, "decided votes needed to train", low=2, high=10_000_000)
+    min_annotators: int = param(1, "only story pairs judged by at least this many people", low=1, high=1000)
+    register_reward: bool = param(True, "also register the head as a reward model (scores the pool, predicts votes)")
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
@@ -147,37 +147,16 @@ class DPHParams:
     @classmethod
     def from_dict(cls, params) -> DPHParams:
         given = given_params("DPH", params, cls.keys())
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
-        mode = check_choice("mode", given.get("mode", "head"), MODES)
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        mode = check_field(cls, "mode", given.get("mode", "head"))
         if "base" not in given:
             raise ValueError("Choose a base policy for DPH (parameter base: a policy id).")
         return cls(**{**PRESET_VALUES[preset][mode], **given, "preset": preset}, explicit=frozenset(given))
 
     def __post_init__(self) -> None:
-        check_whole("base", self.base, 1, 2**62)
-        check_choice("objective", self.objective, OBJECTIVES)
-        check_real("label_smoothing", self.label_smoothing, 0, 0.49, low_open=False)
-        check_choice("pooler", self.pooler, POOLERS)
-        check_real("dropout", self.dropout, 0, 0.9, low_open=False)
-        check_real("w_dph", self.w_dph, 0, 100)
-        check_real("w_dpo", self.w_dpo, 0, 100, low_open=False)
+        check_fields(self)
         if self.w_dpo and self.mode == "head":
             raise ValueError("w_dpo trains the LM with DPO: choose mode lora or full (mode head keeps the LM frozen).")
-        check_real("beta", self.beta, 0, 10)
-        check_whole("best_of", self.best_of, 1, 64)
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        check_real("learning_rate", self.learning_rate, 0, 0.1)
-        if self.lm_learning_rate is not None:
-            check_real("lm_learning_rate", self.lm_learning_rate, 0, 0.01)
-        check_whole("batch_size", self.batch_size, 1, 1024)
-        check_whole("max_length", self.max_length, 16, 32_768)
-        check_whole("max_train_pairs", self.max_train_pairs, 1, 10_000_000)
-        check_whole("max_eval_pairs", self.max_eval_pairs, 1, 10_000_000)
-        check_whole("lora_r", self.lora_r, 1, 512)
-        check_real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
-        check_whole("min_pairs", self.min_pairs, 2, 10_000_000)
-        check_whole("min_annotators", self.min_annotators, 1, 1000)
-        check_optional_bool("register_reward", self.register_reward)
 
 
 # --- the head and the wrapped model ---------------------------------------------------------

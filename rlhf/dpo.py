@@ -45,13 +45,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf.generate import prompt_and_story
-from rlhf.params import (
-    check_choice,
-    check_optional_bool,
-    check_real,
-    check_whole,
-    given_params,
-)
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
     ProgressCallback,
@@ -90,23 +84,30 @@ NAME_LIMIT = 60
 class DPOParams:
     """A DPO job's parameters, validated; the preset fills what was not given."""
 
-    base: int
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float | None = None
-    preset: str = "quick"
-    max_steps: int = PRESETS["quick"]["max_steps"]
-    max_epochs: float = PRESETS["quick"]["max_epochs"]
-    learning_rate: float | None = None
-    batch_size: int = PRESETS["quick"]["batch_size"]
-    lora: bool | None = None
-    lora_r: int = 8
-    eval_fraction: float = 0.2
-    max_eval_pairs: int = PRESETS["quick"]["max_eval_pairs"]
-    min_pairs: int = 8
-    min_annotators: int = 1
-    max_length: int = PRESETS["quick"]["max_length"]
-    max_minutes: float = PRESETS["quick"]["max_minutes"]
+    base: int = param(help="the policy to start from (and the reference)", low=1, high=MODEL_ID_RANGE[1])
+    loss_type: str = param("sigmoid", "sigmoid (DPO), ipo, or robust (rDPO: some labels assumed flipped)",
+                           choices=LOSS_TYPES)
+    beta: float = param(0.1, "strength of the pull towards the reference (IPO: tau)", low=0, high=10, low_open=True)
+    label_smoothing: float | None = param(None, "robust only: assumed share of flipped labels (unset: 0.1)",
+                                          low=0, high=0.49, low_open=True)
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
+    max_steps: int = param(PRESETS["quick"]["max_steps"], "optimizer steps (without it: the preset's, capped at "
+                           "max_epochs passes)", low=1, high=1_000_000)
+    max_epochs: float = param(PRESETS["quick"]["max_epochs"], "passes over the pairs the preset's steps may make",
+                              low=0, high=1000, low_open=True)
+    learning_rate: float | None = param(None, "unset: 5e-5 with LoRA, 5e-6 for all weights", low=0, high=0.01,
+                                        low_open=True)
+    batch_size: int = param(PRESETS["quick"]["batch_size"], "preference pairs per step", low=1, high=256)
+    lora: bool | None = param(None, "train a LoRA adapter (unset: for models over 50 M parameters)")
+    lora_r: int = param(8, "LoRA rank", low=1, high=512)
+    eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.5)
+    max_eval_pairs: int = param(PRESETS["quick"]["max_eval_pairs"], "held-out pairs evaluated at most",
+                                low=1, high=1_000_000)
+    min_pairs: int = param(8, "decided votes needed to train", low=2, high=1_000_000)
+    min_annotators: int = param(1, "only story pairs judged by at least this many people", low=1, high=1000)
+    max_length: int = param(PRESETS["quick"]["max_length"], "tokens of prompt + story", low=16, high=32768)
+    max_minutes: float = param(PRESETS["quick"]["max_minutes"], "stop training in time for evaluation and "
+                               "saving; 0: no limit", low=0, high=7 * 24 * 60)
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
@@ -116,34 +117,17 @@ class DPOParams:
     @classmethod
     def from_dict(cls, params: dict) -> DPOParams:
         given = given_params("DPO", params, cls.keys())
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
         if "base" not in given:
             raise ValueError("Choose a base policy for DPO (parameter base: a policy id).")
         return cls(**{**PRESETS[preset], **given, "preset": preset}, explicit=frozenset(given))
 
     def __post_init__(self) -> None:
-        check_whole("base", self.base, 1, 2**62)
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        check_real("beta", self.beta, 0, 10)
-        if self.label_smoothing is not None:
-            if self.loss_type != "robust":
-                raise ValueError(
-                    f"label_smoothing applies to loss_type robust only; TRL's {self.loss_type} loss ignores it."
-                )
-            check_real("label_smoothing", self.label_smoothing, 0, 0.49)
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        check_real("max_epochs", self.max_epochs, 0, 1000)
-        if self.learning_rate is not None:
-            check_real("learning_rate", self.learning_rate, 0, 0.01)
-        check_whole("batch_size", self.batch_size, 1, 256)
-        check_optional_bool("lora", self.lora)
-        check_whole("lora_r", self.lora_r, 1, 512)
-        check_real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
-        check_whole("max_eval_pairs", self.max_eval_pairs, 1, 1_000_000)
-        check_whole("min_pairs", self.min_pairs, 2, 1_000_000)
-        check_whole("min_annotators", self.min_annotators, 1, 1000)
-        check_whole("max_length", self.max_length, 16, 32768)
-        check_real("max_minutes", self.max_minutes, 0, 7 * 24 * 60, low_open=False)
+        check_fields(self)
+        if self.label_smoothing is not None and self.loss_type != "robust":
+            raise ValueError(
+                f"label_smoothing applies to loss_type robust only; TRL's {self.loss_type} loss ignores it."
+            )
 
     @property
     def smoothing(self) -> float:

@@ -79,7 +79,7 @@ from transformers import (
 
 from rlhf.generate import format_prompt
 from rlhf.models import resolve_device, train_bpe_tokenizer
-from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, check_whole, given_params, param
 from rlhf.policies import POLICY_NAME
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.settings import Settings
@@ -153,7 +153,7 @@ def _check_corpus(corpus) -> dict:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"corpus {key} must be a non-empty string, got {text!r}.")
     else:
-        check_whole("corpus distill (a policy id)", value, 1, 2**62)
+        check_whole("corpus distill (a policy id)", value, *MODEL_ID_RANGE)
     return dict(corpus)
 
 
@@ -180,17 +180,20 @@ def _check_file(path: Path) -> None:
 class PretrainParams:
     """A pretraining job's parameters, validated; the size's preset fills what was not given."""
 
-    corpus: dict
-    size: str = "small"
-    preset: str = "quick"
-    max_steps: int = PRESETS["small"]["quick"]["max_steps"]
-    learning_rate: float = PRESETS["small"]["quick"]["learning_rate"]
-    batch_size: int = PRESETS["small"]["quick"]["batch_size"]
-    block_size: int = PRESETS["small"]["quick"]["block_size"]
-    vocab_size: int = PRESETS["small"]["quick"]["vocab_size"]
-    eval_fraction: float = 0.05
-    arena_every: int | None = None
-    name: str | None = None
+    corpus: dict = param(help='{"file": path}, {"hub": dataset id, "split", "text_field"} or {"distill": policy id}')
+    size: str = param("small", "model size (GPT-2 shape)", choices=SIZES)
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=("quick", "full"))
+    max_steps: int = param(PRESETS["small"]["quick"]["max_steps"], "optimizer steps", low=1, high=1_000_000)
+    learning_rate: float = param(PRESETS["small"]["quick"]["learning_rate"], "peak learning rate (cosine schedule)",
+                                 low=0, high=0.1, low_open=True)
+    batch_size: int = param(PRESETS["small"]["quick"]["batch_size"], "blocks per step", low=1, high=1024)
+    block_size: int = param(PRESETS["small"]["quick"]["block_size"], "tokens per block (the model's context)",
+                            low=32, high=2048)
+    vocab_size: int = param(PRESETS["small"]["quick"]["vocab_size"], "BPE vocabulary trained on the corpus",
+                            low=300, high=65536)
+    eval_fraction: float = param(0.05, "share of stories held out for perplexity", low=0, high=0.5, low_open=True)
+    arena_every: int | None = param(None, "every N steps a checkpoint also joins the arena", low=1, high=1_000_000)
+    name: str | None = param(None, "the policy's name (1-60 letters, digits, '.', '_', '-')")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -202,21 +205,14 @@ class PretrainParams:
         if "corpus" not in given:
             raise ValueError('Choose a corpus, e.g. {"file": "stories.txt"}, {"hub": "roneneldan/TinyStories"} '
                              'or {"distill": <policy id>}.')
-        size = check_choice("size", given.get("size", "small"), SIZES)
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS[size])
+        size = check_field(cls, "size", given.get("size", "small"))
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
         budget = {k: v for k, v in PRESETS[size][preset].items() if k not in INTERNAL_BUDGETS}
         return cls(**{**budget, **given, "size": size, "preset": preset})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corpus", _check_corpus(self.corpus))
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        check_real("learning_rate", self.learning_rate, 0, 0.1)
-        check_whole("batch_size", self.batch_size, 1, 1024)
-        check_whole("block_size", self.block_size, 32, 2048)
-        check_whole("vocab_size", self.vocab_size, 300, 65536)
-        check_real("eval_fraction", self.eval_fraction, 0, 0.5)
-        if self.arena_every is not None:
-            check_whole("arena_every", self.arena_every, 1, 1_000_000)
+        check_fields(self)
         if self.name is not None and (not isinstance(self.name, str) or not POLICY_NAME.match(self.name)):
             raise ValueError("name: 1-60 letters, digits, '.', '_' or '-', starting with a letter or digit.")
 

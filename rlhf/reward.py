@@ -54,13 +54,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.encoders import minilm_dir
 from rlhf.models import ModelLoadError
-from rlhf.params import (
-    check_choice,
-    check_optional_bool,
-    check_real,
-    check_whole,
-    given_params,
-)
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
 from rlhf.scoring import META_FILE, encode, model_limit, score_new_completions
 from rlhf.training import (
@@ -103,45 +97,36 @@ class RewardParams:
     loss). Held-out evaluation and min_pairs count human votes only.
     """
 
-    base: int | None = None
-    backbone: str = "policy"
-    preset: str = "quick"
-    max_steps: int = 20
-    learning_rate: float = 5e-5
-    batch_size: int = 4
-    eval_fraction: float = 0.2
-    min_pairs: int = 8
-    min_annotators: int = 1
-    max_length: int = 320
-    train_layers: int = 2
-    weak_labels: bool = False
-    weak_threshold: float = 0.8
-    weak_weight: float = 1.0
+    base: int | None = param(None, "the policy whose weights start it (unset: the first starter)", low=1,
+                             high=MODEL_ID_RANGE[1])
+    backbone: str = param("policy", "policy: the base's own transformer; minilm: the packaged MiniLM encoder",
+                          choices=BACKBONES)
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
+    max_steps: int = param(PRESET_VALUES["quick"]["policy"]["max_steps"], "optimizer steps", low=1, high=100_000)
+    learning_rate: float = param(PRESET_VALUES["quick"]["policy"]["learning_rate"], "learning rate", low=0, high=1, low_open=True)
+    batch_size: int = param(PRESET_VALUES["quick"]["policy"]["batch_size"], "preference pairs per step", low=1, high=1024)
+    eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.9)
+    min_pairs: int = param(8, "decided votes needed to train", low=2, high=10_000_000)
+    min_annotators: int = param(1, "only story pairs judged by at least this many people", low=1, high=1000)
+    max_length: int = param(PRESET_VALUES["quick"]["policy"]["max_length"], "tokens per prompt + story", low=16, high=32_768)
+    train_layers: int = param(PRESET_VALUES["quick"]["policy"]["train_layers"], "top transformer blocks trained; -1: all, 0: head and "
+                              "final norm only", low=-1, high=10_000)
+    weak_labels: bool = param(False, "add the weak job's labels to the training split")
+    weak_threshold: float = param(0.8, "weak labels kept at this confidence or more", low=0.5, high=1)
+    weak_weight: float = param(1.0, "each weak pair is kept with this probability", low=0, high=1, low_open=True)
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> RewardParams:
         given = given_params("reward", params, [f.name for f in fields(cls)])
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
-        backbone = check_choice("backbone", given.get("backbone", "policy"), BACKBONES)
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        backbone = check_field(cls, "backbone", given.get("backbone", "policy"))
         base = given.get("base")
         if isinstance(base, str) and base.strip().isdigit():
-            base = int(base)
-        values = {**PRESET_VALUES[preset][backbone], **given}
-        return cls(
-            base=None if base is None else check_whole("base", base, 1, 2**62),
-            backbone=backbone, preset=preset,
-            max_steps=check_whole("max_steps", values["max_steps"], 1, 100_000),
-            learning_rate=check_real("learning_rate", values["learning_rate"], 0, 1),
-            batch_size=check_whole("batch_size", values["batch_size"], 1, 1024),
-            eval_fraction=check_real("eval_fraction", values.get("eval_fraction", 0.2), 0, 0.9, low_open=False),
-            min_pairs=check_whole("min_pairs", values.get("min_pairs", 8), 2, 10_000_000),
-            min_annotators=check_whole("min_annotators", values.get("min_annotators", 1), 1, 1000),
-            max_length=check_whole("max_length", values["max_length"], 16, 32_768),
-            train_layers=check_whole("train_layers", values["train_layers"], -1, 10_000),
-            weak_labels=bool(check_optional_bool("weak_labels", values.get("weak_labels", False))),
-            weak_threshold=check_real("weak_threshold", values.get("weak_threshold", 0.8), 0.5, 1, low_open=False),
-            weak_weight=check_real("weak_weight", values.get("weak_weight", 1.0), 0, 1),
-        )
+            given["base"] = int(base)
+        return cls(**{**PRESET_VALUES[preset][backbone], **given})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

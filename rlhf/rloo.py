@@ -35,13 +35,7 @@ import torch
 from rlhf import scoring
 from rlhf.generate import SYSTEM_PROMPT, Decoding, format_prompt, generate_stories
 from rlhf.models import resolve_device
-from rlhf.params import (
-    check_choice,
-    check_optional_bool,
-    check_real,
-    check_whole,
-    given_params,
-)
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.scoring import Scorer
 from rlhf.settings import Settings
@@ -80,38 +74,27 @@ class RlooParams:
     from the base policy's decoding, which the new policy also inherits.
     """
 
-    base: int
-    reward_model: int
-    preset: str = "quick"
-    beta: float = 0.05
-    max_steps: int = PRESETS["quick"]["max_steps"]
-    learning_rate: float | None = None
-    num_generations: int = 2
-    prompts_per_step: int = PRESETS["quick"]["prompts_per_step"]
-    max_new_tokens: int = 64
-    lora: bool | None = None
-    lora_r: int = 8
-    prompt_source: str = "seed"
-    temperature: float | None = None
-    seed: int = 0
+    base: int = param(help="the policy to train (and the KL reference)", low=1, high=MODEL_ID_RANGE[1])
+    reward_model: int = param(help="the reward model (or DPH head) that scores its stories", low=1,
+                              high=MODEL_ID_RANGE[1])
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
+    beta: float = param(0.05, "KL penalty against the base policy", low=0.0, high=10.0)
+    max_steps: int = param(PRESETS["quick"]["max_steps"], "optimizer steps", low=1, high=1_000_000)
+    learning_rate: float | None = param(None, "unset: 5e-5 with LoRA, 5e-6 for all weights", low=0.0, high=1.0,
+                                        low_open=True)
+    num_generations: int = param(2, "stories per prompt (the leave-one-out baseline needs 2)", low=2, high=64)
+    prompts_per_step: int = param(PRESETS["quick"]["prompts_per_step"], "prompts per step", low=1, high=256)
+    max_new_tokens: int = param(64, "story length in tokens while training", low=1, high=1024)
+    lora: bool | None = param(None, "train a LoRA adapter (unset: for models over 50 M parameters)")
+    lora_r: int = param(8, "LoRA rank", low=1, high=256)
+    prompt_source: str = param("seed", "training prompts: the seed prompts, all, or those the teams job evolved",
+                               choices=PROMPT_SOURCES)
+    temperature: float | None = param(None, "sampling temperature (unset: the base policy's)", low=0.0, high=2.0,
+                                      low_open=True)
+    seed: int = param(0, "random seed", low=0, high=2**32 - 1)
 
     def __post_init__(self) -> None:
-        check_whole("base", self.base, 1, 2**62)
-        check_whole("reward_model", self.reward_model, 1, 2**62)
-        check_choice("preset", self.preset, PRESETS)
-        check_real("beta", self.beta, 0.0, 10.0, low_open=False)
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        if self.learning_rate is not None:
-            check_real("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        check_whole("num_generations", self.num_generations, 2, 64)
-        check_whole("prompts_per_step", self.prompts_per_step, 1, 256)
-        check_whole("max_new_tokens", self.max_new_tokens, 1, 1024)
-        check_optional_bool("lora", self.lora)
-        check_whole("lora_r", self.lora_r, 1, 256)
-        check_choice("prompt_source", self.prompt_source, PROMPT_SOURCES)
-        if self.temperature is not None:
-            check_real("temperature", self.temperature, 0.0, 2.0, low_open=True)
-        check_whole("seed", self.seed, 0, 2**32 - 1)
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, params: Mapping) -> RlooParams:
@@ -121,7 +104,7 @@ class RlooParams:
             if key not in given:
                 what = "base policy" if key == "base" else "reward model (a model of kind reward)"
                 raise ValueError(f"RLOO needs {key}: the id of the {what}.")
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
         return cls(**{**PRESETS[preset], **given})
 
     def to_dict(self) -> dict:

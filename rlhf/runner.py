@@ -126,6 +126,7 @@ class Kind:
     produces: str | None = "policy"  # "policy", "reward" (a scorer), or None
     evaluate: Callable[[JobContext, list[ModelRecord]], dict] | None = None
     model_params: Mapping[str, str] = field(default_factory=dict)  # param -> "base policy" | "reward model"
+    steps_param: str = "max_steps"  # the parameter that sets the job's budget (the form's "Max steps")
 
 
 _declared: dict[str, Kind] = {}
@@ -150,6 +151,14 @@ def get_kind(name: str) -> Kind:
 
 def is_training_kind(name: str) -> bool:
     return name in KIND_MODULES or name in _declared
+
+
+def parameter_tables() -> str:
+    """Every kind's parameters as markdown, for the README (tests/test_runner.py keeps it in step)."""
+    from rlhf.params import markdown_table
+
+    return "\n\n".join(f"**{name}**: {get_kind(name).help}\n\n{markdown_table(get_kind(name).params)}"
+                         for name in KIND_MODULES)
 
 
 def check_params(store: Store, kind_name: str, params: dict):

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from rlhf.encoders import MiniLMEncoder, dictionary_words, one_torch_thread
-from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.prompts import required_words
 from rlhf.runner import JobContext, JobResult, Kind
 from rlhf.settings import Settings
@@ -616,40 +616,30 @@ def evolution_report(run: Evolution, instructor, max_chars: int) -> dict:
 class TeamsParams:
     """Validated parameters of a `teams` job (see the module docstring)."""
 
-    preset: str = "quick"
-    budget: int = PRESETS["quick"]
-    executor: str = "policy"
-    expert: int | None = None
-    instructor: str = "rl"
-    threshold: float = 0.1
-    episodes_per_round: int = 8
-    steps_per_episode: int = 3
-    learning_rate: float = 0.02
-    epochs: int = 4
-    max_new_tokens: int = 96
-    temperature: float = 0.8
-    seed: int = 0
+    preset: str = param("quick", "query budget: quick or full", choices=PRESETS)
+    budget: int = param(PRESETS["quick"], "expert queries (rewrites) the job may make", low=1, high=100_000)
+    executor: str = param("policy", "who rewrites prompts: an arena policy, or rules (no model)", choices=EXECUTORS)
+    expert: int | None = param(None, "the policy that rewrites prompts (unset: the first starter)", low=1,
+                               high=MODEL_ID_RANGE[1])
+    instructor: str = param("rl", "who picks the operations: the RL instructor, or random", choices=INSTRUCTORS)
+    threshold: float = param(0.1, "a new prompt is kept if it is at least this far (cosine) from all others",
+                             low=0.0, high=1.0)
+    episodes_per_round: int = param(8, "episodes between instructor updates", low=1, high=256)
+    steps_per_episode: int = param(3, "operations applied in a row to one prompt", low=1, high=10)
+    learning_rate: float = param(0.02, "the instructor's learning rate", low=0.0, high=1.0, low_open=True)
+    epochs: int = param(4, "the instructor's update epochs", low=1, high=50)
+    max_new_tokens: int = param(96, "tokens of each rewrite", low=8, high=512)
+    temperature: float = param(0.8, "the expert's sampling temperature", low=0.0, high=2.0, low_open=True)
+    seed: int = param(0, "random seed", low=0, high=2**31 - 1)
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> TeamsParams:
         given = given_params("teams", params, [f.name for f in fields(cls)])
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
-        expert = given.get("expert")
-        return cls(
-            preset=preset,
-            budget=check_whole("budget", given.get("budget", PRESETS[preset]), 1, 100_000),
-            executor=check_choice("executor", given.get("executor", "policy"), EXECUTORS),
-            expert=None if expert is None else check_whole("expert", expert, 1, 2**62),
-            instructor=check_choice("instructor", given.get("instructor", "rl"), INSTRUCTORS),
-            threshold=check_real("threshold", given.get("threshold", 0.1), 0.0, 1.0, low_open=False),
-            episodes_per_round=check_whole("episodes_per_round", given.get("episodes_per_round", 8), 1, 256),
-            steps_per_episode=check_whole("steps_per_episode", given.get("steps_per_episode", 3), 1, 10),
-            learning_rate=check_real("learning_rate", given.get("learning_rate", 0.02), 0.0, 1.0),
-            epochs=check_whole("epochs", given.get("epochs", 4), 1, 50),
-            max_new_tokens=check_whole("max_new_tokens", given.get("max_new_tokens", 96), 8, 512),
-            temperature=check_real("temperature", given.get("temperature", 0.8), 0.0, 2.0),
-            seed=check_whole("seed", given.get("seed", 0), 0, 2**31 - 1),
-        )
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        return cls(**{"budget": PRESETS[preset], **given})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -730,7 +720,7 @@ def run(ctx: JobContext) -> JobResult:
 
 
 KIND = Kind(
-    name="teams", params=TeamsParams, run=run, produces=None,
+    name="teams", params=TeamsParams, run=run, produces=None, steps_param="budget",
     model_params={"expert": "expert policy"},
     help="TeaMs-RL: an RL instructor picks operations (breadth, constraints, deepening, ...) that an expert policy "
          "applies to evolve new prompts (source teams, with parent and operation); registers no model. "

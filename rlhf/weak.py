@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from rlhf.encoders import dictionary_words
-from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.params import check_field, check_fields, given_params, param
 from rlhf.prompts import required_words, words_used
 from rlhf.runner import JobContext, JobResult, Kind
 from rlhf.story_features import has_ending, repeated_ngram_share, words
@@ -294,21 +294,19 @@ def confident(p_a: np.ndarray, threshold: float) -> np.ndarray:
 class WeakParams:
     """Validated parameters of a weak-labelling job (see the module docstring)."""
 
-    preset: str = "quick"
-    max_steps: int = PRESETS["quick"]
-    threshold: float = 0.7
-    seed: int = 0
+    preset: str = param("quick", "label-model budget: quick or full", choices=PRESETS)
+    max_steps: int = param(PRESETS["quick"], "label-model epochs", low=1, high=100_000)
+    threshold: float = param(0.7, "weak labels kept at this confidence or more", low=0.5, high=1.0)
+    seed: int = param(0, "random seed", low=0, high=2**31 - 1)
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> WeakParams:
         given = given_params("weak", params, [f.name for f in fields(cls)])
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
-        return cls(
-            preset=preset,
-            max_steps=check_whole("max_steps", given.get("max_steps", PRESETS[preset]), 1, 100_000),
-            threshold=check_real("threshold", given.get("threshold", 0.7), 0.5, 1.0, low_open=False),
-            seed=check_whole("seed", given.get("seed", 0), 0, 2**31 - 1),
-        )
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        return cls(**{"max_steps": PRESETS[preset], **given})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

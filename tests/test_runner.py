@@ -155,3 +155,10 @@ def test_a_job_process_gets_the_settings_whole_and_secrets_only_by_environment(s
     jobs.JobWorker(full)._spawn(job_rows.get_job(db, job_id))
     assert not any("secret" in part for part in started["command"])
     assert job_settings(started["env"]) == full
+
+
+def test_the_readme_parameter_tables_come_from_the_params_dataclasses():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("<!-- parameters:start -->\n", 1)[1].split("\n<!-- parameters:end -->", 1)[0]
+    assert section == runner.parameter_tables()
+    assert "| `beta` | `0.1` | (0, 10] | strength of the pull towards the reference (IPO: tau) |" in section
