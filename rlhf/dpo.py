@@ -17,9 +17,8 @@ The `dpo` training kind (rlhf.runner: `run(ctx) -> JobResult`):
 - budget: preset "quick" (for the SmolLM2-135M starter on 2 CPU cores, under 10 minutes) or
   "full"; a preset gives max_steps, max_epochs (without an explicit max_steps, steps are
   capped at that many passes over the training pairs, so a few votes are not trained on 50
-  times), batch_size, max_length, max_eval_pairs and max_minutes. On 2 CPU cores a LoRA step
-  of the starter (batch 4, 256 tokens) takes about 60 CPU-seconds, 30 s to several minutes of
-  wall time depending on what else runs, so quick is held to max_minutes (9) by TimeBudget:
+  times), batch_size, max_length, max_eval_pairs and max_minutes. A CPU step's wall time
+  depends on what else runs (figures: README), so quick is held to max_minutes (9) by TimeBudget:
   training stops early enough for the evaluation (shrunk to what fits, at least 4 pairs)
   and the save; max_steps only caps it on faster machines. max_minutes 0 means no limit
   (the full preset). Held-out votes beyond max_eval_pairs are left out of both sets.
@@ -62,9 +61,8 @@ MODEL_KIND = "dpo"
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 DEFAULT_ROBUST_SMOOTHING = 0.1
 # Per preset: quick fits the SmolLM2-135M starter (LoRA) on 2 CPU cores in under 10 minutes.
-# Measured on 2 busy CPU cores: a LoRA step (batch 4, 256 tokens) costs about 60 CPU-seconds,
-# 30-60 s of wall time, so quick is held to its minutes by a time budget (TimeBudget), and
-# max_steps only caps it on faster machines.
+# A CPU step's wall time varies with load, so quick is held to its minutes by a time budget
+# (TimeBudget), and max_steps only caps it on faster machines.
 PRESETS: dict[str, dict] = {
     "quick": {"max_steps": 40, "max_epochs": 3.0, "batch_size": 4, "max_length": 256, "max_eval_pairs": 16,
               "max_minutes": 9.0},

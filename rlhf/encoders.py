@@ -31,8 +31,7 @@ def minilm_dir() -> Path:
 @contextlib.contextmanager
 def one_torch_thread(enabled: bool = True):
     """Run small CPU tensors on one thread: for a few short prompts or the instructor's tiny
-    MLP, handing work between threads costs more than the math (on a busy 2-core machine
-    MiniLM took 1.4 s for 4 prompts on two threads, 0.16 s on one)."""
+    MLP, handing work between threads costs more than the math."""
     threads = torch.get_num_threads()
     if enabled:
         torch.set_num_threads(1)

@@ -15,10 +15,8 @@ Sizes (GPT2Config; parameter counts include the tied embedding at the default vo
 
 (context is the default block_size of the full preset; vocab is an upper bound: on a small
 corpus the BPE runs out of merges earlier, e.g. 10.3k on 2 MB of TinyStories -> base 30.6 M.)
-Measured on the 2-core build machine (shared, load 4-10), TinyStories text, 1 torch thread:
-small trains about 1,000-1,100 tokens/s, base about 200-250 tokens/s; the quick presets
-took 7 min (small: 200 steps x 8 x 256 tokens, held-out perplexity 8533 -> 144) and
-4 min (base: 40 steps x 4 x 256, 11277 -> 370) end to end.
+The quick presets are sized to finish in minutes on 2 CPU cores (throughput: the README's
+figures).
 
 The BabyStories study used GPT-2 125M and 345M on the 10M/100M-word BabyLM corpora; these
 are the same recipe scaled to what the arena's machines train in one sitting. `block_size`

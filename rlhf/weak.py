@@ -257,7 +257,7 @@ def fit_label_model(matrix: np.ndarray, epochs: int = PRESETS["quick"], seed: in
     """A Snorkel LabelModel fitted on the votes in both orders (see the module docstring).
 
     Fitted on one torch thread: its matrices are tiny (LFs x LFs), so thread hand-offs cost
-    more than the math (500 epochs: 0.2 s on one thread, 40 s on two of a busy 2-core box).
+    more than the math.
     """
     import torch
     from snorkel.labeling.model import LabelModel

@@ -247,6 +247,22 @@ def test_teams_job_with_the_policy_expert(arena_dir, monkeypatch):
         check_params(store, "teams", {"expert": 99})
 
 
+def test_a_requeued_teams_job_that_stored_its_prompts_adds_none_twice(arena_dir, monkeypatch):
+    from rlhf.jobs import execute, run_inline
+
+    monkeypatch.setattr(teams, "load_encoder", lambda settings: bag_encoder)
+    settings, store = arena_dir
+    job = run_inline(settings, "teams", {"budget": 8, "executor": "rules", "episodes_per_round": 4})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["new_prompt_ids"]
+    prompts_after, jobs_after = prompts.prompt_count(store.db), len(job_rows.list_jobs(store.db, limit=1000))
+    job_rows.update_job(store.db, job["id"], status="running")  # killed after storing, then re-run
+    again = execute(settings, job["id"])
+    assert again["status"] == "succeeded" and again["metrics"] == job["metrics"]
+    assert prompts.prompt_count(store.db) == prompts_after
+    assert len(job_rows.list_jobs(store.db, limit=1000)) == jobs_after  # no pool queued twice
+
+
 def test_budget_is_refused_cleanly_by_other_kinds(tmp_path, capfd, monkeypatch):
     from rlhf.__main__ import main
     from rlhf.settings import ENV_VARS
