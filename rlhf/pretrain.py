@@ -576,7 +576,7 @@ def run(ctx: JobContext) -> JobResult:
     def save_intermediate(live_model, step: int) -> Path:
         return ctx.save_model(model_writer(live_model, tokenizer), f"step-{step}")
 
-    def register_intermediate(live_model, step: int, folder: Path, log_history: list[dict]) -> ModelRecord:
+    def register_intermediate(live_model, step: int, folder: Path, log_history: list[dict]) -> ModelRecord | None:
         loss = eval_loss(live_model, eval_blocks, p.batch_size, pad_id)
         metrics = {**base_metrics, "step": step, "eval_loss": loss, "eval_perplexity": _perplexity(loss),
                    "train_loss": _recent_train_loss(log_history), "train_tokens": step * p.batch_size * p.block_size}

@@ -89,14 +89,15 @@ class JobContext:
 
         return save_atomically(self.output_dir / folder, write)
 
-    def register_now(self, spec: ModelSpec) -> ModelRecord:
+    def register_now(self, spec: ModelSpec) -> ModelRecord | None:
         """Register a model while the job still runs (pretrain's arena checkpoints): once
-        per job and folder, so a re-run of the job gets the same row back."""
+        per job and folder, so a re-run of the job gets the same row back. None off the
+        main process, which registers nothing."""
+        if not is_main_process():
+            return None
         for record in models.list_models(self.store.db):
             if record.job_id == self.job_id and self.job_id is not None and record.path == str(spec.path):
                 return record
-        if not is_main_process():
-            raise RuntimeError("only the main process registers models")
         with write_transaction(self.store.db):
             return _register(self.store, self.settings, spec, self.job_id, spec.parent)
 

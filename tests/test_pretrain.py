@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import datasets.config
 import huggingface_hub.constants
@@ -161,6 +162,15 @@ def test_jsonl_with_arena_checkpoints_and_resume(settings, jsonl_corpus, monkeyp
     assert final.metrics["eval_perplexity"] <= step10.metrics["eval_perplexity"]
     assert len(generate_jobs_for(db, step10.id)) == 1 and len(generate_jobs_for(db, final.id)) == 1
     load_causal_lm(step10.path, CPU)
+
+    # Re-run once its models are registered (killed before it finished): it trains nothing,
+    # registers nothing twice and overwrites no folder.
+    written = {m.path: (Path(m.path) / "model.safetensors").stat().st_mtime_ns for m in (step10, final)}
+    again = run_queued(settings, job["id"])
+    assert again["status"] == "succeeded" and again["result_model_id"] == final.id
+    assert [m.name for m in models.list_models(db) if m.kind == "pretrain"] == ["kid-lm-step10", "kid-lm"]
+    assert {path: (Path(path) / "model.safetensors").stat().st_mtime_ns for path in written} == written
+    assert len(generate_jobs_for(db, final.id)) == 1
 
 
 def test_distill_the_tiny_starters_pool(arena_dir):

@@ -11,11 +11,10 @@ import gradio as gr
 import pandas as pd
 
 from rlhf.jobs import log_path
-from rlhf.params import markdown_table
-from rlhf.runner import check_params, get_kind, kind_names
-from rlhf.params import json_object
-from rlhf.settings import Settings
+from rlhf.params import json_object, markdown_table
 from rlhf.progress import read_metrics
+from rlhf.runner import check_params, get_kind, kind_names
+from rlhf.settings import Settings
 from storage import jobs as job_rows
 from storage import models
 from storage.db import Store
