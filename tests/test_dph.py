@@ -29,7 +29,7 @@ from rlhf.runner import check_params, train
 from rlhf.models import load_causal_lm
 from rlhf.pool import fill_pool
 from rlhf.progress import JobProgress
-from rlhf.scoring import PreferenceHead, best_of_k, head_scorer, load_reward_scorer
+from rlhf.scoring import PreferenceHead, best_of_k, head_scorer, load_reward_scorer, sampling_decoding
 from rlhf.rloo import reward_function
 from rlhf.training import preference_data
 from storage import completions, jobs, models, prompts, scores, votes
@@ -193,7 +193,7 @@ def test_head_training_end_to_end(arena_dir):
 
     policy = models.get_model(db, job["result_model_id"])
     assert (policy.kind, policy.parent_id, policy.active, policy.job_id) == ("dph", base_id, True, job["id"])
-    assert policy.name == f"{base.name}-dph" and policy.decoding == base.decoding
+    assert policy.name == f"{base.name}-dph" and policy.decoding == {**base.decoding, "best_of": 3, "reranker": "head"}
     m = policy.metrics
     assert (m["mode"], m["objective"], m["best_of"], m["steps"], m["votes_used"]) == ("head", "contrastive", 3, 300, 128)
     assert m["train_pairs"] + m["eval_pairs"] == 128 and m["eval_pairs"] >= 24
@@ -270,7 +270,7 @@ def test_pool_of_a_dph_policy_is_the_best_of_k_by_its_head(arena_dir):
     # the head scores highest.
     model, tokenizer = load_causal_lm(policy.path, CPU)
     score = head_scorer(policy.path, CPU)
-    decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **policy.decoding})
+    decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **sampling_decoding(policy.decoding)})
     texts = [r["text"] for r in completions.prompts_without_completion(db, policy.id, 2)]
     repeated = [t for t in texts for _ in range(4)]
     candidates = generate_stories(model, tokenizer, repeated, decoding, batch_size=settings.generation_batch_size, seed=5)

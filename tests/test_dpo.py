@@ -154,8 +154,8 @@ def check_trained_policy(settings, store, base, job, loss_type: str, lora: bool)
     assert job["metrics"] == m
     # A plain folder, checkpoints gone, loads and writes stories like any policy.
     path = Path(record.path)
-    assert path == settings.models_dir / f"dpo-job{job['id']}"
-    assert not list(path.glob("checkpoint-*")) and not (path / "adapter_config.json").exists()
+    assert path == settings.models_dir / f"dpo-job{job['id']}" / "model"
+    assert not list(path.parent.glob("checkpoint-*")) and not (path / "adapter_config.json").exists()
     assert json.loads((path / "config.json").read_text())["use_cache"] is True
     model, tokenizer = load_causal_lm(record.path, CPU)
     stories = generate_stories(model, tokenizer, ["A cat finds a hat."], Decoding(max_new_tokens=8), seed=0)

@@ -162,3 +162,26 @@ def test_the_readme_parameter_tables_come_from_the_params_dataclasses():
     section = readme.split("<!-- parameters:start -->\n", 1)[1].split("\n<!-- parameters:end -->", 1)[0]
     assert section == runner.parameter_tables()
     assert "| `beta` | `0.1` | (0, 10] | strength of the pull towards the reference (IPO: tau) |" in section
+
+
+def test_a_policys_decoding_names_its_best_of_k_and_the_reward_model_that_reranks(arena_dir, monkeypatch):
+    from rlhf import scoring
+    from rlhf.pool import fill_pool
+
+    settings, store = arena_dir
+    db = store.db
+    starter = models.list_models(db)[0]
+    judge = models.add_model(db, "judge", "reward", path=starter.path, active=False)
+    policy = models.add_model(db, "reranked", "local", path=starter.path,
+                              decoding={"max_new_tokens": 8, "best_of": 3, "reranker": judge.id})
+    scored = []
+
+    def length_scorer(record, device):
+        assert record.id == judge.id
+        return lambda prompts, stories: scored.extend(stories) or [len(s) for s in stories]
+
+    monkeypatch.setattr(scoring, "load_reward_scorer", length_scorer)
+    assert fill_pool(store, settings, [policy.id], 2, lambda f, m: None) == 2
+    rows = [json.loads(r["gen_params"]) for r in db.query("SELECT gen_params FROM completions WHERE model_id = ?",
+                                                          [policy.id])]
+    assert len(scored) == 6 and all(r["best_of"] == 3 and "reranker" not in r for r in rows)
