@@ -185,3 +185,14 @@ def test_a_policys_decoding_names_its_best_of_k_and_the_reward_model_that_rerank
     rows = [json.loads(r["gen_params"]) for r in db.query("SELECT gen_params FROM completions WHERE model_id = ?",
                                                           [policy.id])]
     assert len(scored) == 6 and all(r["best_of"] == 3 and "reranker" not in r for r in rows)
+
+
+def test_train_kind_help_lists_that_kinds_parameters(capsys):
+    from rlhf.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "dpo", "--help"])
+    out = capsys.readouterr().out
+    assert "--set KEY=VALUE" in out and "dpo parameters" in out
+    assert "  beta: strength of the pull towards the reference (IPO: tau) ((0, 10]; default 0.1)" in out
+    assert "  base: the policy to start from (and the reference) (a model id; required)" in out
