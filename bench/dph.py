@@ -72,7 +72,7 @@ class StepTimer:
 
 
 def load_pairs(path: Path, tokenizer, max_length: int, n_train: int, n_eval: int, seed: int):
-    from rlhf.dph import encode_pair
+    from rlhf.scoring import encode_pair
 
     pairs = []
     for pair in read_pairs(path):
@@ -129,7 +129,7 @@ def run_reward_model(settings, args, source: str, train: list[dict], held_out: l
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.reward import encode, make_scorer
+    from rlhf.scoring import encode, make_scorer
     from rlhf.training import trainer_device_args
 
     tokenizer = AutoTokenizer.from_pretrained(source)

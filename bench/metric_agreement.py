@@ -90,7 +90,7 @@ def strongest(table: list[dict], criteria) -> dict:
 
 def reward_scorer(path: Path):
     """The reward job's scorer for a reward-model folder (rlhf.reward.load_reward_scorer)."""
-    from rlhf.reward import load_reward_scorer
+    from rlhf.scoring import load_reward_scorer
     from storage.models import ModelRecord
 
     record = ModelRecord(id=0, name=path.name, kind="reward", parent_id=None, path=str(path), hub_id=None,

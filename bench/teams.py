@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf.encoders import MiniLMEncoder
 from rlhf.generate import Decoding
 from rlhf.prompts import SEED_PROMPTS
 from rlhf.teams import (
-    OPERATIONS, Instructor, MiniLMEncoder, PolicyExecutor, RandomInstructor, RuleExecutor, cluster_coverage, diversity,
+    OPERATIONS, Instructor, PolicyExecutor, RandomInstructor, RuleExecutor, cluster_coverage, diversity,
     evolve, queries_to_reach,
 )
 

@@ -50,8 +50,9 @@ import numpy as np
 from bench.hh_rlhf import read_pairs
 from rlhf.export import preference_records
 from rlhf.weak import (
-    ABSTAIN, LF_NAMES, PREFER_A, WeakParams, label_matrix, label_pool, store_weak_labels, weak_training_pairs,
+    ABSTAIN, LF_NAMES, PREFER_A, WeakParams, label_matrix, label_pool, store_weak_labels,
 )
+from rlhf.training import weak_training_pairs
 from storage import completions, models, prompts, votes
 from storage.db import Store
 from storage.votes import ShownPair
@@ -78,7 +79,7 @@ class Embedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from rlhf.reward import minilm_dir
+        from rlhf.encoders import minilm_dir
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
@@ -87,7 +88,7 @@ class Embedder:
         self.cache: dict[tuple[str, str], np.ndarray] = {}
 
     def __call__(self, items: list[tuple[str, str]], batch: int = 32) -> np.ndarray:
-        from rlhf.reward import reward_texts
+        from rlhf.scoring import reward_texts
 
         todo = sorted({i for i in items if i not in self.cache}, key=lambda i: len(i[0]) + len(i[1]))
         for start in range(0, len(todo), batch):

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhf import jobs
+from rlhf.runner import kind_names
 from rlhf.settings import PROMPT_SOURCES, Settings, add_arguments, from_args
 
 
@@ -171,6 +172,12 @@ def cmd_train(settings: Settings, args) -> dict:
             "model_id": job["result_model_id"], "metrics": job["metrics"]}
 
 
+def cmd_params(settings: Settings, args) -> dict:
+    from rlhf.runner import parameter_tables
+
+    return {"markdown": parameter_tables()}
+
+
 def _hub_job(job: dict) -> dict:
     return {"job_id": job["id"], "status": job["status"], "error": job["error"], **(job["metrics"] or {})}
 
@@ -195,12 +202,35 @@ def cmd_simulate(settings: Settings, args) -> dict:
     return simulate(args.url, args.annotators, args.votes, args.accuracy, args.position_bias, args.seed)
 
 
+class KindHelp(argparse.Action):
+    """`train KIND --help`: the usual help, then KIND's parameters (only KIND's module loads)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        if getattr(namespace, "kind", None):
+            print(f"\n{namespace.kind} parameters (--set KEY=VALUE):\n{kind_parameters_help(namespace.kind)}")
+        parser.exit()
+
+
+def kind_parameters_help(kind_name: str) -> str:
+    from rlhf.params import describe
+    from rlhf.runner import get_kind
+
+    kind = get_kind(kind_name)
+    lines = [kind.help]
+    for p in describe(kind.params):
+        default = "required" if "default" not in p else "default unset" if p["default"] is None else \
+            f"default {json.dumps(p['default'])}"
+        lines.append(f"  {p['name']}: {p['help']} ({p['allowed']}; {default})")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rlhf", description="Story Arena: data, models and training from the command line.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, add_help=name != "train")
         add_arguments(sub)
         sub.add_argument("--json", action="store_true", help="print one JSON document on stdout")
         sub.set_defaults(handler=handler)
@@ -217,13 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")
     export.add_argument("--sources", default="human", help="comma-separated vote sources to export, e.g. human,import (default human)")
     export.add_argument("--dataset", action="append", help="with source import: only this imported data set (repeatable)")
-    train = command("train", cmd_train, "run a training job to completion (the same job the Train tab queues)")
-    train.add_argument("kind", choices=sorted(jobs.TRAINING_KINDS), help="what to train")
+    train = command("train", cmd_train, "run a training job to completion (the same job the Train tab queues); "
+                    "`train KIND --help` lists that kind's parameters")
+    train.add_argument("kind", choices=sorted(kind_names()), help="what to train")
+    train.add_argument("--kind-help", "--help", "-h", action=KindHelp, nargs=0, help="this help, and KIND's parameters")
     train.add_argument("--base", type=int, help="base policy (or reward model) id")
     train.add_argument("--max-steps", type=int, help="override the preset's step budget")
     train.add_argument("--preset", choices=["quick", "full"], help="step budget (default quick)")
     train.add_argument("--budget", type=int, help="expert queries a teams job may spend (teams only)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other parameter (value parsed as JSON when it can be)")
+    command("params", cmd_params, "every training kind's parameters as markdown tables (as in the README)")
     sim = command("simulate", cmd_simulate, "simulated annotators voting through a running app's HTTP API")
     sim.add_argument("--url", required=True, help="the app, e.g. http://127.0.0.1:7860/")
     sim.add_argument("--annotators", type=int, default=4)

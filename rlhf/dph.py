@@ -8,7 +8,7 @@ r = w . dropout(pool(h)), pool = identity or Linear + tanh ("bert"). The head si
 the LM head, never in its path, so with the LM frozen the model writes exactly what its
 base writes.
 
-One entry point, `train_dph(settings, params, progress) -> ModelRecord`:
+The `dph` training kind (rlhf.runner: `run(ctx) -> JobResult`):
 
 - modes: "head" (default) trains the head alone on frozen LM features, computed once per
   (prompt, story) and cached, so a step costs almost nothing; "lora" and "full" train the
@@ -22,23 +22,21 @@ One entry point, `train_dph(settings, params, progress) -> ModelRecord`:
   beta * (log-ratio chosen - log-ratio rejected). Written by hand below: no library has
   the DPH losses or head, and TRL's sigmoid DPO loss ignores label smoothing.
 - the result is a policy of kind "dph", a child of the base: its folder holds the LM (the
-  base's weights in head mode), the head (HEAD_FILE) and DPH_FILE with best_of (k). Pool
-  generation for it (rlhf.pool) samples k stories per prompt and keeps the one the head
-  scores highest, so its pool costs k times a plain policy's. With register_reward
+  base's weights in head mode) and the head (rlhf.scoring: HEAD_FILE, DPH_FILE). Its
+  decoding says best_of k, reranked by its head: pool generation (rlhf.pool) samples k
+  stories per prompt and keeps the one the head scores highest, so its pool costs k times
+  a plain policy's. With register_reward
   (default) the same folder is also registered as a reward model (backbone "dph" in
   reward_model.json, parent: the DPH policy): the head scores the story pool, predicts
   live votes and can be RLOO's reward model.
 - metrics: train/eval_accuracy, the share of (held-out) pairs whose chosen story the head
   scores higher. Held-out votes beyond max_eval_pairs and training votes beyond
   max_train_pairs are left out.
-- cost: quick (head mode) on the SmolLM2-135M starter is one forward pass per distinct
-  story among the votes and the pool (features and pool scores share it), about 1.1
-  CPU-seconds per 256-token story, then seconds of head training. Measured: 120 votes and
-  a pool of 480 stories took about 560 CPU-seconds: about 5 minutes if both cores are
-  free (from the CPU time), 16 minutes of wall time on 2 cores shared with two other jobs. The LM-training modes cost a forward
-  and backward pass per pair and step on top (see bench/dph.py).
-  There are no mid-run checkpoints: a re-queued job starts over unless its model was
-  already registered, in which case it only finishes scoring the pool.
+- cost: quick (head mode) is one forward pass per distinct story among the votes and the
+  pool (features and pool scores share it), then seconds of head training; the LM-training
+  modes cost a forward and backward pass per pair and step on top (figures: README, and
+  bench/dph.py). There are no mid-run checkpoints: a re-queued job starts over unless its
+  models were already registered, in which case it only finishes scoring the pool.
 """
 
 from __future__ import annotations
@@ -46,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -56,22 +53,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf.generate import Decoding, Story, format_prompt, generate_stories
-from rlhf.models import load_causal_lm, resolve_device
-from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
+from rlhf.models import resolve_device
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.progress import JobProgress
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
+from rlhf.scoring import (
+    META_FILE,
+    POOLERS,
+    HeadFeatures,
+    PreferenceHead,
+    encode_pair,
+    last_token_states,
+    load_head,
+    sampling_decoding,
+    save_head,
+    score_new_completions,
+)
 from rlhf.settings import Settings
 from storage import models, scores
 from storage.models import ModelRecord
 
-KIND = "dph"
-HEAD_FILE = "preference_head.safetensors"
-DPH_FILE = "dph.json"
+MODEL_KIND = "dph"
 MODES = ("head", "lora", "full")
 OBJECTIVES = ("contrastive", "separable")
-POOLERS = ("identity", "bert")
 PRESETS = ("quick", "full")
-FEATURE_BATCH = 16
 NAME_LIMIT = 60
 # Per preset and mode. quick/head fits the SmolLM2-135M starter on 2 CPU cores in well under
 # 10 minutes (one forward per story); the LM-training modes cost a forward and backward pass
@@ -104,29 +109,35 @@ class DPHParams:
     full fine-tuning rate of rlhf.training.
     """
 
-    base: int
-    mode: str = "head"
-    objective: str = "contrastive"
-    label_smoothing: float = 0.0
-    pooler: str = "identity"
-    dropout: float = 0.1
-    w_dph: float = 1.0
-    w_dpo: float = 0.0
-    beta: float = 0.1
-    best_of: int = 4
-    preset: str = "quick"
-    max_steps: int = PRESET_VALUES["quick"]["head"]["max_steps"]
-    learning_rate: float = PRESET_VALUES["quick"]["head"]["learning_rate"]
-    lm_learning_rate: float | None = None
-    batch_size: int = PRESET_VALUES["quick"]["head"]["batch_size"]
-    max_length: int = PRESET_VALUES["quick"]["head"]["max_length"]
-    max_train_pairs: int = PRESET_VALUES["quick"]["head"]["max_train_pairs"]
-    max_eval_pairs: int = PRESET_VALUES["quick"]["head"]["max_eval_pairs"]
-    lora_r: int = 8
-    eval_fraction: float = 0.2
-    min_pairs: int = 8
-    min_annotators: int = 1
-    register_reward: bool = True
+    base: int = param(help="the policy whose LM the head reads", low=1, high=MODEL_ID_RANGE[1])
+    mode: str = param("head", "head: train the head on the frozen LM; lora / full: train the LM too", choices=MODES)
+    objective: str = param("contrastive", "contrastive (Bradley-Terry on the margin) or separable (each reward "
+                           "on its side of 0)", choices=OBJECTIVES)
+    label_smoothing: float = param(0.0, "assumed share of flipped labels", low=0, high=0.49)
+    pooler: str = param("identity", "identity, or bert (Linear + tanh) before the head", choices=POOLERS)
+    dropout: float = param(0.1, "dropout before the head", low=0, high=0.9)
+    w_dph: float = param(1.0, "weight of the DPH loss", low=0, high=100, low_open=True)
+    w_dpo: float = param(0.0, "weight of a conservative DPO term on the LM (modes lora and full)", low=0, high=100)
+    beta: float = param(0.1, "the DPO term's beta", low=0, high=10, low_open=True)
+    best_of: int = param(4, "the policy samples this many stories per prompt and keeps the head's best",
+                         low=1, high=64)
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
+    max_steps: int = param(PRESET_VALUES["quick"]["head"]["max_steps"], "optimizer steps", low=1, high=1_000_000)
+    learning_rate: float = param(PRESET_VALUES["quick"]["head"]["learning_rate"], "the head's learning rate", low=0, high=0.1,
+                                 low_open=True)
+    lm_learning_rate: float | None = param(None, "the LM's (lora/full; unset: the LoRA or full rate)", low=0,
+                                           high=0.01, low_open=True)
+    batch_size: int = param(PRESET_VALUES["quick"]["head"]["batch_size"], "preference pairs per step", low=1, high=1024)
+    max_length: int = param(PRESET_VALUES["quick"]["head"]["max_length"], "tokens of prompt + story", low=16, high=32_768)
+    max_train_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_train_pairs"], "training votes used at most", low=1,
+                                 high=10_000_000)
+    max_eval_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_eval_pairs"], "held-out votes evaluated at most", low=1,
+                                high=10_000_000)
+    lora_r: int = param(8, "LoRA rank (mode lora)", low=1, high=512)
+    eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.5)
+    min_pairs: int = param(8, "decided votes needed to train", low=2, high=10_000_000)
+    min_annotators: int = param(1, "only story pairs judged by at least this many people", low=1, high=1000)
+    register_reward: bool = param(True, "also register the head as a reward model (scores the pool, predicts votes)")
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
@@ -136,67 +147,25 @@ class DPHParams:
     @classmethod
     def from_dict(cls, params) -> DPHParams:
         given = given_params("DPH", params, cls.keys())
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
-        mode = check_choice("mode", given.get("mode", "head"), MODES)
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        mode = check_field(cls, "mode", given.get("mode", "head"))
         if "base" not in given:
             raise ValueError("Choose a base policy for DPH (parameter base: a policy id).")
         return cls(**{**PRESET_VALUES[preset][mode], **given, "preset": preset}, explicit=frozenset(given))
 
     def __post_init__(self) -> None:
-        check_whole("base", self.base, 1, 2**62)
-        check_choice("objective", self.objective, OBJECTIVES)
-        check_real("label_smoothing", self.label_smoothing, 0, 0.49, low_open=False)
-        check_choice("pooler", self.pooler, POOLERS)
-        check_real("dropout", self.dropout, 0, 0.9, low_open=False)
-        check_real("w_dph", self.w_dph, 0, 100)
-        check_real("w_dpo", self.w_dpo, 0, 100, low_open=False)
+        check_fields(self)
         if self.w_dpo and self.mode == "head":
             raise ValueError("w_dpo trains the LM with DPO: choose mode lora or full (mode head keeps the LM frozen).")
-        check_real("beta", self.beta, 0, 10)
-        check_whole("best_of", self.best_of, 1, 64)
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        check_real("learning_rate", self.learning_rate, 0, 0.1)
-        if self.lm_learning_rate is not None:
-            check_real("lm_learning_rate", self.lm_learning_rate, 0, 0.01)
-        check_whole("batch_size", self.batch_size, 1, 1024)
-        check_whole("max_length", self.max_length, 16, 32_768)
-        check_whole("max_train_pairs", self.max_train_pairs, 1, 10_000_000)
-        check_whole("max_eval_pairs", self.max_eval_pairs, 1, 10_000_000)
-        check_whole("lora_r", self.lora_r, 1, 512)
-        check_real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
-        check_whole("min_pairs", self.min_pairs, 2, 10_000_000)
-        check_whole("min_annotators", self.min_annotators, 1, 1000)
-        check_optional_bool("register_reward", self.register_reward)
 
 
 # --- the head and the wrapped model ---------------------------------------------------------
-
-class PreferenceHead(nn.Module):
-    """r = w . dropout(pool(h)) for final hidden states h; one scalar per row. By hand:
-    transformers' sequence-classification heads replace the LM head instead of sitting beside it."""
-
-    def __init__(self, hidden_size: int, pooler: str = "identity", dropout: float = 0.1):
-        super().__init__()
-        check_choice("pooler", pooler, POOLERS)
-        self.pool = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh()) if pooler == "bert" else nn.Identity()
-        self.dropout = nn.Dropout(dropout)
-        self.score = nn.Linear(hidden_size, 1, bias=False)
-        nn.init.normal_(self.score.weight, std=1.0 / math.sqrt(hidden_size))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.score(self.dropout(self.pool(hidden.to(self.score.weight.dtype)))).squeeze(-1)
 
 
 @dataclass
 class DPHOutput:
     logits: torch.Tensor
     rewards: torch.Tensor
-
-
-def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's hidden state at its last attended position (rows are right-padded)."""
-    last = attention_mask.sum(-1) - 1
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class DirectPreferenceHeadModel(nn.Module):
@@ -222,30 +191,6 @@ class DirectPreferenceHeadModel(nn.Module):
 
         lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         return cls(lm, load_head(folder)).eval()
-
-
-def save_head(head: PreferenceHead, folder: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(folder / HEAD_FILE))
-    (folder / DPH_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-
-
-def read_dph_meta(folder: str | Path) -> dict | None:
-    """The DPH settings saved beside a DPH policy's weights; None for any other folder."""
-    path = Path(folder) / DPH_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def load_head(folder: str | Path, device: torch.device | str = "cpu") -> PreferenceHead:
-    from safetensors.torch import load_file
-
-    meta = read_dph_meta(folder)
-    if meta is None:
-        raise ValueError(f"{folder} holds no preference head ({DPH_FILE} is missing).")
-    head = PreferenceHead(meta["hidden_size"], meta["pooler"], meta["dropout"])
-    head.load_state_dict(load_file(str(Path(folder) / HEAD_FILE)))
-    return head.to(device).eval()
 
 
 # --- the losses (by hand: no library has them) ----------------------------------------------
@@ -319,112 +264,8 @@ class DPHObjective(nn.Module):
 
 # --- inputs and features ------------------------------------------------------------------
 
-def encode_pair(tokenizer, prompt: str, story: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt (as generation formats it) + story + end token, and the prompt's
-    length. Over max_length, the prompt keeps its last half of the room and the story its
-    start; the end token always stays, since the head reads its hidden state."""
-    head = format_prompt(tokenizer, prompt)
-    lead = "" if head[-1:].isspace() else " "  # plain LMs write a space after the "Story:" cue
-    # Chat templates hold their own special tokens (as in generation); others get theirs.
-    prompt_ids = tokenizer(head, add_special_tokens=not tokenizer.chat_template)["input_ids"]
-    story_ids = tokenizer(lead + story, add_special_tokens=False)["input_ids"]
-    room = max_length - 1
-    if len(prompt_ids) + len(story_ids) > room:
-        prompt_ids = prompt_ids[-max(1, room // 2):] if len(prompt_ids) > room // 2 else prompt_ids
-        story_ids = story_ids[: room - len(prompt_ids)]
-    return prompt_ids + story_ids + [tokenizer.eos_token_id], len(prompt_ids)
-
-
-class HeadFeatures:
-    """Final hidden states at the end token for (prompt, story) pairs, in length-sorted
-    right-padded batches; with remember=True each pair is computed once per job."""
-
-    def __init__(self, backbone, tokenizer, max_length: int, device: torch.device, remember: bool = False,
-                 batch_size: int = FEATURE_BATCH):
-        self.backbone, self.tokenizer, self.max_length = backbone, tokenizer, max_length
-        self.device, self.remember, self.batch_size = device, remember, batch_size
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.cache: dict[tuple[str, str], torch.Tensor] = {}
-
-    def __call__(self, prompts: Sequence[str], stories: Sequence[str],
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        if len(prompts) != len(stories):
-            raise ValueError(f"{len(prompts)} prompts but {len(stories)} stories.")
-        keys = list(zip(prompts, stories))
-        found = self.cache if self.remember else {}
-        missing = [k for k in dict.fromkeys(keys) if k not in found]
-        ids = [encode_pair(self.tokenizer, p, s, self.max_length)[0] for p, s in missing]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                width = max(len(ids[i]) for i in chunk)
-                input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                    mask[row, : len(ids[i])] = 1
-                mask = mask.to(self.device)
-                hidden = self.backbone(input_ids=input_ids.to(self.device), attention_mask=mask).last_hidden_state
-                for i, state in zip(chunk, last_token_states(hidden, mask).float().cpu()):
-                    found[missing[i]] = state
-                if progress is not None:
-                    progress(min(start + self.batch_size, len(order)), len(order))
-        return torch.stack([found[k] for k in keys]) if keys else torch.zeros(0)
-
-
-Scorer = Callable[[Sequence[str], Sequence[str]], list[float]]
-_head_scorers: dict[tuple[str, str], Scorer] = {}
-_head_scorers_lock = threading.Lock()
-
-
-def head_scorer(source: str, device: torch.device | str = "cpu", token: str | None = None) -> Scorer:
-    """Scores (prompts, stories) with a DPH folder's head; higher is better. The LM is the
-    shared generation copy (rlhf.models.load_causal_lm), so best-of-k sampling and scoring
-    hold it once. Loaded once per (folder, device)."""
-    device = torch.device(device)
-    key = (str(source), str(device))
-    with _head_scorers_lock:
-        if key not in _head_scorers:
-            meta = read_dph_meta(source)
-            if meta is None:
-                raise ValueError(f"{source} is not a DPH model folder ({DPH_FILE} is missing).")
-            model, tokenizer = load_causal_lm(str(source), device, token)
-            head = load_head(source, device)
-            features = HeadFeatures(model.base_model, tokenizer, meta["max_length"], device)
-
-            def score(prompts: Sequence[str], stories: Sequence[str]) -> list[float]:
-                if not prompts and not stories:
-                    return []
-                with torch.inference_mode():
-                    return head(features(prompts, stories).to(device)).float().tolist()
-
-            _head_scorers[key] = score
-        return _head_scorers[key]
-
 
 # --- best-of-k sampling ---------------------------------------------------------------------
-
-def best_of(source: str) -> int | None:
-    """k for a DPH policy's folder (it samples k stories and keeps the best), else None."""
-    meta = read_dph_meta(source) if source and Path(source).is_dir() else None
-    return int(meta["best_of"]) if meta else None
-
-
-def best_of_k(model, tokenizer, prompts: Sequence[str], decoding: Decoding, k: int, score: Scorer,
-              batch_size: int = 8, seed: int | None = None) -> list[Story]:
-    """Sample k stories per prompt and keep, per prompt, the one `score` rates highest;
-    its ms is the whole cost per prompt (k samples and the scoring)."""
-    started = time.perf_counter()
-    repeated = [p for p in prompts for _ in range(k)]
-    candidates = generate_stories(model, tokenizer, repeated, decoding, batch_size=batch_size, seed=seed)
-    rewards = score(repeated, [c.text for c in candidates])
-    ms = (time.perf_counter() - started) * 1000 / max(1, len(prompts))
-    best = []
-    for i in range(len(prompts)):
-        winner = max(range(i * k, (i + 1) * k), key=lambda j: rewards[j])
-        best.append(Story(text=candidates[winner].text, tokens=candidates[winner].tokens, ms=ms))
-    return best
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -605,29 +446,12 @@ def _score_pool(store, reward: ModelRecord, head: PreferenceHead, features: Head
     return len(todo)
 
 
-def _finish_requeued(settings: Settings, store, policy: ModelRecord, progress: JobProgress) -> ModelRecord:
-    """A re-queued job whose policy is registered: only the pool scores may be missing."""
-    from rlhf.reward import score_new_completions
+def run(ctx: JobContext) -> JobResult:
+    """Train a preference head (and optionally the LM) on the human votes: the best-of-k
+    DPH policy and, with register_reward, the head as a reward model."""
+    from rlhf.training import chosen_model, load_trainable_lm, preference_data
 
-    reward_id = policy.metrics.get("reward_model_id")
-    if reward_id is not None:
-        score_new_completions(store, settings, reward_model_id=reward_id,
-                              progress=lambda f, m: progress(0.9 + 0.1 * f, m))
-    progress(1.0, f"model already registered as #{policy.id} {policy.name}")
-    return policy
-
-
-def train_dph(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
-    """Train a preference head (and optionally the LM) on the human votes; register the
-    best-of-k DPH policy and, with register_reward, the head as a reward model."""
-    from rlhf.reward import META_FILE
-    from rlhf.training import chosen_model, job_result, load_trainable_lm, preference_data, register_checkpoint
-
-    p = DPHParams.from_dict(params)
-    store = settings.store()
-    done = job_result(store, progress.job_id, KIND)
-    if done is not None:
-        return _finish_requeued(settings, store, done, progress)
+    p, store, settings, progress, output_dir = ctx.params, ctx.store, ctx.settings, ctx.progress, ctx.output_dir
     base = chosen_model(store, p.base, "base policy")
     train_records, eval_records, snapshot = preference_data(
         store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
@@ -645,7 +469,6 @@ def train_dph(settings: Settings, params: dict, progress: JobProgress) -> ModelR
         if "max_length" in p.explicit:
             raise ValueError(f"max_length {max_length} exceeds the context of {base.name} ({context} tokens).")
         max_length = context
-    output_dir = progress.output_dir(KIND)
     fitted = fit_head(settings, p, lm, tokenizer, train_records, eval_records, max_length, base.source,
                       output_dir, progress)
     lm, head = fitted.lm, fitted.head
@@ -656,12 +479,16 @@ def train_dph(settings: Settings, params: dict, progress: JobProgress) -> ModelR
 
     progress(0.85, "saving the model")
     lm.config.use_cache = use_cache
-    lm.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    save_head(head, output_dir, {"best_of": p.best_of, "pooler": p.pooler, "dropout": p.dropout,
+
+    def write(folder: Path) -> None:
+        lm.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_head(head, folder, {"pooler": p.pooler, "dropout": p.dropout,
                                  "hidden_size": lm.config.get_text_config().hidden_size, "max_length": max_length})
-    if p.register_reward:
-        (output_dir / META_FILE).write_text(json.dumps({"backbone": "dph", "max_length": max_length}), encoding="utf-8")
+        if p.register_reward:
+            (folder / META_FILE).write_text(json.dumps({"backbone": "dph", "max_length": max_length}), encoding="utf-8")
+
+    folder = ctx.save_model(write)
 
     metrics = {
         **snapshot, **fitted.metrics,
@@ -672,19 +499,41 @@ def train_dph(settings: Settings, params: dict, progress: JobProgress) -> ModelR
         "train_pairs": len(train_records), "eval_pairs": len(eval_records),
         "train_accuracy": train_accuracy, "eval_accuracy": eval_accuracy,
     }
-    policy = register_checkpoint(
-        store, settings, name=_policy_name(base), kind=KIND, path=output_dir, parent=base,
-        job_id=progress.job_id, metrics=metrics,
-    )
+    decoding = {**sampling_decoding(base.decoding), "best_of": p.best_of, "reranker": "head"}
+    policy = ModelSpec(name=_policy_name(base), kind=MODEL_KIND, path=folder, parent=base, metrics=metrics,
+                       decoding=decoding)
+    specs = [policy]
     if p.register_reward:
-        reward = register_checkpoint(
-            store, settings, name=f"reward-{policy.name}", kind="reward", path=output_dir, parent=policy,
-            job_id=progress.job_id, metrics={**metrics, "backbone": "dph"}, policy=False,
-        )
-        policy = models.update_metrics(store.db, policy.id, {"reward_model_id": reward.id})
-        progress(0.9, "scoring the story pool with the head")
-        scored = _score_pool(store, reward, head, fitted.features, lambda f, m: progress(0.9 + 0.1 * f, m))
-        models.update_metrics(store.db, reward.id, {"pool_scored": scored})
+        specs.append(ModelSpec(name=f"reward-{policy.name}", kind="reward", path=folder, parent=policy,
+                               metrics={**metrics, "backbone": "dph"}, policy=False))
+        ctx.memo["score_pool"] = lambda reward, report: _score_pool(store, reward, head, fitted.features, report)
     eval_text = f"{eval_accuracy:.0%} of {len(eval_records)}" if eval_accuracy is not None else "no held-out pairs"
-    progress(1.0, f"registered #{policy.id} {policy.name}: held-out accuracy {eval_text}")
-    return policy
+    return JobResult(models=specs, message=f"{policy.name}: held-out accuracy {eval_text}")
+
+
+def evaluate(ctx: JobContext, records: list[ModelRecord]) -> dict:
+    """Score the pool with the head's reward model (if one was registered): with the
+    features this run computed, or, on a re-run, with the head loaded from its folder."""
+    reward = next((r for r in records if r.kind == "reward"), None)
+    if reward is None:
+        return {}
+    progress = ctx.progress
+
+    def report(fraction: float, message: str) -> None:
+        progress(0.9 + 0.1 * fraction, message)
+
+    progress(0.9, "scoring the story pool with the head")
+    if "score_pool" in ctx.memo:
+        scored = ctx.memo["score_pool"](reward, report)
+    else:
+        scored = score_new_completions(ctx.store, ctx.settings, reward_model_id=reward.id, progress=report)
+    models.update_metrics(ctx.store.db, reward.id, {"pool_scored": scored})
+    return {"reward_model_id": reward.id}
+
+
+KIND = Kind(
+    name="dph", params=DPHParams, run=run, evaluate=evaluate, needs_base_policy=True, learns_from_votes=True,
+    model_params={"base": "base policy"},
+    help="Direct Preference Head: a scalar head on the base policy's last hidden state (LM untouched in the "
+         "default mode head). Registers a best-of-k policy and the head as a reward model.",
+)

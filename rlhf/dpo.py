@@ -1,6 +1,6 @@
 """Direct Preference Optimization on the arena's human preferences (TRL 1.16 DPOTrainer).
 
-One entry point, `train_dpo(settings, params, progress) -> ModelRecord`:
+The `dpo` training kind (rlhf.runner: `run(ctx) -> JobResult`):
 
 - data: decided human votes (rlhf.training.preference_data) with a held-out split that
   stays put as votes arrive; prompts are wrapped by rlhf.generate.format_prompt so the model
@@ -17,15 +17,14 @@ One entry point, `train_dpo(settings, params, progress) -> ModelRecord`:
 - budget: preset "quick" (for the SmolLM2-135M starter on 2 CPU cores, under 10 minutes) or
   "full"; a preset gives max_steps, max_epochs (without an explicit max_steps, steps are
   capped at that many passes over the training pairs, so a few votes are not trained on 50
-  times), batch_size, max_length, max_eval_pairs and max_minutes. On 2 CPU cores a LoRA step
-  of the starter (batch 4, 256 tokens) takes about 60 CPU-seconds, 30 s to several minutes of
-  wall time depending on what else runs, so quick is held to max_minutes (9) by TimeBudget:
+  times), batch_size, max_length, max_eval_pairs and max_minutes. A CPU step's wall time
+  depends on what else runs (figures: README), so quick is held to max_minutes (9) by TimeBudget:
   training stops early enough for the evaluation (shrunk to what fits, at least 4 pairs)
   and the save; max_steps only caps it on faster machines. max_minutes 0 means no limit
   (the full preset). Held-out votes beyond max_eval_pairs are left out of both sets.
-- resume: checkpoints go to progress.output_dir("dpo"); a re-queued job continues from the
-  last one. On success the merged model is saved in that folder as a plain model, the
-  checkpoints are removed, and the model is registered as a child of the base policy.
+- resume: checkpoints go to the job's output folder; a re-queued job continues from the
+  last one (the runner finds it). The merged model is saved as a plain model and
+  registered as a child of the base policy.
 - metrics: eval_reward_accuracy is the share of held-out pairs whose implicit reward
   beta * (log-ratio chosen - log-ratio rejected) is > 0. It is TRL's eval_rewards/accuracies,
   which averages per-batch means; the eval batch size is chosen to divide the number of
@@ -37,40 +36,33 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from rlhf.generate import format_prompt
-from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
-from rlhf.settings import Settings
+from rlhf.generate import prompt_and_story
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
+    ProgressCallback,
     chosen_model,
-    job_result,
     load_trainable_lm,
     lora_and_rate,
     lora_config,
-    JobProgress,
-    ProgressCallback,
     preference_data,
-    register_checkpoint,
-    resume_checkpoint,
     trainer_device_args,
 )
 from storage.models import ModelRecord
 
-KIND = "dpo"
+MODEL_KIND = "dpo"
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 DEFAULT_ROBUST_SMOOTHING = 0.1
 # Per preset: quick fits the SmolLM2-135M starter (LoRA) on 2 CPU cores in under 10 minutes.
-# Measured on 2 busy CPU cores: a LoRA step (batch 4, 256 tokens) costs about 60 CPU-seconds,
-# 30-60 s of wall time, so quick is held to its minutes by a time budget (TimeBudget), and
-# max_steps only caps it on faster machines.
+# A CPU step's wall time varies with load, so quick is held to its minutes by a time budget
+# (TimeBudget), and max_steps only caps it on faster machines.
 PRESETS: dict[str, dict] = {
     "quick": {"max_steps": 40, "max_epochs": 3.0, "batch_size": 4, "max_length": 256, "max_eval_pairs": 16,
               "max_minutes": 9.0},
@@ -90,23 +82,30 @@ NAME_LIMIT = 60
 class DPOParams:
     """A DPO job's parameters, validated; the preset fills what was not given."""
 
-    base: int
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float | None = None
-    preset: str = "quick"
-    max_steps: int = PRESETS["quick"]["max_steps"]
-    max_epochs: float = PRESETS["quick"]["max_epochs"]
-    learning_rate: float | None = None
-    batch_size: int = PRESETS["quick"]["batch_size"]
-    lora: bool | None = None
-    lora_r: int = 8
-    eval_fraction: float = 0.2
-    max_eval_pairs: int = PRESETS["quick"]["max_eval_pairs"]
-    min_pairs: int = 8
-    min_annotators: int = 1
-    max_length: int = PRESETS["quick"]["max_length"]
-    max_minutes: float = PRESETS["quick"]["max_minutes"]
+    base: int = param(help="the policy to start from (and the reference)", low=1, high=MODEL_ID_RANGE[1])
+    loss_type: str = param("sigmoid", "sigmoid (DPO), ipo, or robust (rDPO: some labels assumed flipped)",
+                           choices=LOSS_TYPES)
+    beta: float = param(0.1, "strength of the pull towards the reference (IPO: tau)", low=0, high=10, low_open=True)
+    label_smoothing: float | None = param(None, "robust only: assumed share of flipped labels (unset: 0.1)",
+                                          low=0, high=0.49, low_open=True)
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
+    max_steps: int = param(PRESETS["quick"]["max_steps"], "optimizer steps (without it: the preset's, capped at "
+                           "max_epochs passes)", low=1, high=1_000_000)
+    max_epochs: float = param(PRESETS["quick"]["max_epochs"], "passes over the pairs the preset's steps may make",
+                              low=0, high=1000, low_open=True)
+    learning_rate: float | None = param(None, "unset: 5e-5 with LoRA, 5e-6 for all weights", low=0, high=0.01,
+                                        low_open=True)
+    batch_size: int = param(PRESETS["quick"]["batch_size"], "preference pairs per step", low=1, high=256)
+    lora: bool | None = param(None, "train a LoRA adapter (unset: for models over 50 M parameters)")
+    lora_r: int = param(8, "LoRA rank", low=1, high=512)
+    eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.5)
+    max_eval_pairs: int = param(PRESETS["quick"]["max_eval_pairs"], "held-out pairs evaluated at most",
+                                low=1, high=1_000_000)
+    min_pairs: int = param(8, "decided votes needed to train", low=2, high=1_000_000)
+    min_annotators: int = param(1, "only story pairs judged by at least this many people", low=1, high=1000)
+    max_length: int = param(PRESETS["quick"]["max_length"], "tokens of prompt + story", low=16, high=32768)
+    max_minutes: float = param(PRESETS["quick"]["max_minutes"], "stop training in time for evaluation and "
+                               "saving; 0: no limit", low=0, high=7 * 24 * 60)
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
@@ -116,34 +115,17 @@ class DPOParams:
     @classmethod
     def from_dict(cls, params: dict) -> DPOParams:
         given = given_params("DPO", params, cls.keys())
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
         if "base" not in given:
             raise ValueError("Choose a base policy for DPO (parameter base: a policy id).")
         return cls(**{**PRESETS[preset], **given, "preset": preset}, explicit=frozenset(given))
 
     def __post_init__(self) -> None:
-        check_whole("base", self.base, 1, 2**62)
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        check_real("beta", self.beta, 0, 10)
-        if self.label_smoothing is not None:
-            if self.loss_type != "robust":
-                raise ValueError(
-                    f"label_smoothing applies to loss_type robust only; TRL's {self.loss_type} loss ignores it."
-                )
-            check_real("label_smoothing", self.label_smoothing, 0, 0.49)
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        check_real("max_epochs", self.max_epochs, 0, 1000)
-        if self.learning_rate is not None:
-            check_real("learning_rate", self.learning_rate, 0, 0.01)
-        check_whole("batch_size", self.batch_size, 1, 256)
-        check_optional_bool("lora", self.lora)
-        check_whole("lora_r", self.lora_r, 1, 512)
-        check_real("eval_fraction", self.eval_fraction, 0, 0.5, low_open=False)
-        check_whole("max_eval_pairs", self.max_eval_pairs, 1, 1_000_000)
-        check_whole("min_pairs", self.min_pairs, 2, 1_000_000)
-        check_whole("min_annotators", self.min_annotators, 1, 1000)
-        check_whole("max_length", self.max_length, 16, 32768)
-        check_real("max_minutes", self.max_minutes, 0, 7 * 24 * 60, low_open=False)
+        check_fields(self)
+        if self.label_smoothing is not None and self.loss_type != "robust":
+            raise ValueError(
+                f"label_smoothing applies to loss_type robust only; TRL's {self.loss_type} loss ignores it."
+            )
 
     @property
     def smoothing(self) -> float:
@@ -206,11 +188,10 @@ class TimeBudget(TrainerCallback):
 
 def preference_dataset(records: list[dict], tokenizer) -> Dataset:
     """TRL's prompt/chosen/rejected with the generation prompt format."""
-    lead = "" if tokenizer.chat_template else " "
-    rows = [
-        {"prompt": format_prompt(tokenizer, r["prompt"]), "chosen": lead + r["chosen"], "rejected": lead + r["rejected"]}
-        for r in records
-    ]
+    rows = []
+    for r in records:
+        prompt, chosen = prompt_and_story(tokenizer, r["prompt"], r["chosen"])
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": prompt_and_story(tokenizer, r["prompt"], r["rejected"])[1]})
     return Dataset.from_list(rows)
 
 
@@ -248,18 +229,13 @@ def _policy_name(base: ModelRecord, loss_type: str) -> str:
     return stem + suffix
 
 
-def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
-    """Train a DPO child of params["base"] on the human votes and register it as a policy."""
+def run(ctx: JobContext) -> JobResult:
+    """Train a DPO child of params["base"] on the human votes."""
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    p = DPOParams.from_dict(params)
+    p, store, settings, progress = ctx.params, ctx.store, ctx.settings, ctx.progress
     deadline = time.monotonic() + 60 * p.max_minutes if p.max_minutes else None
-    store = settings.store()
-    done = job_result(store, progress.job_id, KIND)
-    if done is not None:
-        progress(1.0, f"model already registered as #{done.id} {done.name}")
-        return done
     base = chosen_model(store, p.base, "base policy")
     train_records, eval_records, snapshot = preference_data(
         store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
@@ -283,10 +259,8 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
         ref_model = AutoModelForCausalLM.from_pretrained(base.source, token=settings.hub_token, dtype=torch.float32)
 
     steps = p.steps_for(len(train_records))
-    output_dir = progress.output_dir(KIND)
-    resume = resume_checkpoint(output_dir)
     args = DPOConfig(
-        output_dir=str(output_dir),
+        output_dir=str(ctx.output_dir),
         **trainer_device_args(settings),
         max_steps=steps,
         save_steps=max(1, steps // 4),
@@ -316,9 +290,9 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"Every training prompt fills max_length ({max_length} tokens); raise max_length.")
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
     train_seconds = time.perf_counter() - started
-    resumed_from = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else None
+    resumed_from = ctx.resumed_step if ctx.resume_from else None
 
     eval_metrics: dict = {}
     eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
@@ -335,8 +309,7 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
     if isinstance(trained, PeftModel):
         trained = trained.merge_and_unload()
     trained.config.use_cache = use_cache
-    trained.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    folder = ctx.save_model(model_writer(trained, tokenizer))
 
     last_train = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
     metrics = {
@@ -364,11 +337,13 @@ def train_dpo(settings: Settings, params: dict, progress: JobProgress) -> ModelR
         "eval_reward_accuracy": _finite(eval_metrics.get("eval_rewards/accuracies")),
         "eval_reward_margin": _finite(eval_metrics.get("eval_rewards/margins")),
     }
-    record = register_checkpoint(
-        store, settings, name=_policy_name(base, p.loss_type), kind=KIND, path=output_dir, parent=base,
-        job_id=progress.job_id, metrics=metrics,
-    )
-    for checkpoint in output_dir.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    progress(1.0, f"registered #{record.id} {record.name}")
-    return record
+    return JobResult(models=[ModelSpec(
+        name=_policy_name(base, p.loss_type), kind=MODEL_KIND, path=folder, parent=base, metrics=metrics,
+    )])
+
+
+KIND = Kind(
+    name="dpo", params=DPOParams, run=run, needs_base_policy=True, learns_from_votes=True,
+    model_params={"base": "base policy"},
+    help="Direct Preference Optimization on the preferences (DPOTrainer; loss_type sigmoid, ipo or robust).",
+)

@@ -63,6 +63,13 @@ def format_prompt(tokenizer, prompt: str) -> str:
     return f"{prompt.strip()}\n\nStory:"
 
 
+def prompt_and_story(tokenizer, prompt: str, story: str) -> tuple[str, str]:
+    """What a policy saw and wrote, as every learner reads it: the formatted prompt, and the
+    story as its continuation (plain LMs write a space after the "Story:" cue; chat models
+    start right after the template's generation prompt)."""
+    return format_prompt(tokenizer, prompt), story if tokenizer.chat_template else f" {story}"
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     if eos is None:

@@ -10,7 +10,6 @@ Run one job by hand: `python -m rlhf.jobs run JOB_ID --data-dir DIR`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import subprocess
@@ -22,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.settings import Settings, add_arguments, from_args
-from rlhf.progress import JobCancelled, JobProgress
+from rlhf.progress import JobCancelled, JobProgress, is_main_process
+from rlhf.runner import KIND_MODULES, is_training_kind
+from rlhf.settings import Settings, add_arguments, from_args, job_environment, job_settings
 from storage import jobs as job_rows
 from storage.db import Store
 from storage.models import ModelRecord
@@ -49,7 +49,7 @@ def _generate_job(settings: Settings, params: dict, progress) -> None:
     each batch also gets its automatic metrics, and each policy its perplexity at the end."""
     from rlhf.metrics import measure_new_stories, measure_policies
     from rlhf.pool import fill_pool
-    from rlhf.reward import score_new_completions
+    from rlhf.scoring import score_new_completions
 
     store = settings.store()
 
@@ -78,42 +78,17 @@ def _push_job(settings: Settings, params: dict, progress) -> dict:
 BUILTIN_KINDS: dict[str, JobFunction] = {
     "prepare": _prepare_job, "generate": _generate_job, "publish": _publish_job, "push": _push_job,
 }
-# Training kinds: module, entry point and parameter class, imported only when needed.
-TRAINING_KINDS: dict[str, tuple[str, str, str]] = {
-    "reward": ("rlhf.reward", "train_reward", "RewardParams"),
-    "dpo": ("rlhf.dpo", "train_dpo", "DPOParams"),
-    "rloo": ("rlhf.rloo", "train_rloo", "RlooParams"),
-    "pretrain": ("rlhf.pretrain", "train_pretrain", "PretrainParams"),
-    "dph": ("rlhf.dph", "train_dph", "DPHParams"),
-    "weak": ("rlhf.weak", "train_weak", "WeakParams"),
-    "teams": ("rlhf.teams", "train_teams", "TeamsParams"),
-}
 
 
 def job_function(kind: str) -> JobFunction:
+    """A built-in job, or a training kind run through rlhf.runner (which owns its life)."""
     if kind in BUILTIN_KINDS:
         return BUILTIN_KINDS[kind]
-    if kind in TRAINING_KINDS:
-        module, function, _ = TRAINING_KINDS[kind]
-        return getattr(importlib.import_module(module), function)
+    if is_training_kind(kind):
+        from rlhf.runner import train
+
+        return lambda settings, params, progress: train(settings, kind, params, progress)
     raise ValueError(f"Unknown job kind {kind!r}.")
-
-
-def check_training_params(store: Store, kind: str, params: dict) -> None:
-    """Refuse bad parameters before a job is queued, with the message the job would fail
-    with; model ids must name stored models. The first call imports the kind's module."""
-    if kind not in TRAINING_KINDS:
-        raise ValueError(f"Unknown training kind {kind!r}; expected one of {', '.join(TRAINING_KINDS)}.")
-    module, _, params_class = TRAINING_KINDS[kind]
-    checked = getattr(importlib.import_module(module), params_class).from_dict(params)
-    from rlhf.training import chosen_model
-
-    if getattr(checked, "base", None) is not None:
-        chosen_model(store, checked.base, "base policy")
-    if getattr(checked, "reward_model", None) is not None:
-        chosen_model(store, checked.reward_model, "reward model", reward=True)
-    if getattr(checked, "expert", None) is not None:  # the teams job's prompt-rewriting policy
-        chosen_model(store, checked.expert, "expert policy")
 
 
 def log_path(settings: Settings, job_id: int) -> Path:
@@ -128,6 +103,8 @@ def execute(settings: Settings, job_id: int) -> dict:
     progress = JobProgress(settings, job_id)
     try:
         result = job_function(job["kind"])(settings, job["params"], progress)
+        if is_training_kind(job["kind"]) and not is_main_process():
+            return job  # the main process records how the job ended
     except JobCancelled:
         job_rows.finish_job(db, job_id, "cancelled", error="cancelled by a researcher")
     except Exception as exc:
@@ -164,7 +141,7 @@ def _is_job_process(pid: int | None) -> bool:
 # story pools, prepare) run beside them, settings.light_jobs at once, so an upload or the
 # pool of a new policy never waits behind an hour of training.
 HEAVY, LIGHT = "heavy", "light"
-HEAVY_KINDS = frozenset(TRAINING_KINDS)
+HEAVY_KINDS = frozenset(KIND_MODULES)  # every training kind; known without importing any of them
 
 
 def job_lane(kind: str) -> str:
@@ -222,19 +199,14 @@ class JobWorker:
     def _spawn(self, job: dict) -> RunningJob | None:
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         path = log_path(self.settings, job["id"])
-        command = [
-            sys.executable, "-m", "rlhf.jobs", "run", str(job["id"]),
-            "--data-dir", str(self.settings.data_dir), "--starter", self.settings.starter,
-            "--device", self.settings.device,
-            *(["--hub-dataset", self.settings.hub_dataset] if self.settings.hub_dataset else []),
-            *(["--pool-prompts", str(self.settings.pool_prompts)] if self.settings.pool_prompts else []),
-            *(["--metrics-corpus", str(self.settings.metrics_corpus)] if self.settings.metrics_corpus else []),
-        ]
+        command = [sys.executable, "-m", "rlhf.jobs", "run", str(job["id"])]
+        environment = {**os.environ, **job_environment(self.settings)}
         db = Store(self.settings.db_path).db
         try:
             with path.open("ab") as log:
                 proc = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
+                    env=environment,
                 )
         except OSError as exc:
             job_rows.finish_job(db, job["id"], "failed", error=f"could not start the job process: {exc}")
@@ -295,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id", type=int)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    settings = from_args(args, os.environ)
+    settings = job_settings(os.environ) or from_args(args, os.environ)
     signal.signal(signal.SIGTERM, _raise_cancelled)
     job = execute(settings, args.job_id)
     return 0 if job["status"] == "succeeded" else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, Field, field, fields
 
 
 def check_whole(name: str, value, low: int, high: int) -> int:
@@ -65,3 +66,78 @@ def json_object(text: str | None, what: str, example: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object, e.g. {example}.")
     return value
+
+
+# --- Params dataclasses: each field's help and allowed values live in its metadata --------
+
+MODEL_ID_RANGE = (1, 2**62)
+
+
+def param(default=MISSING, help: str = "", *, low=None, high=None, low_open: bool = False, choices=None):
+    """A Params field with its help text and allowed values, as dataclass metadata (as TRL's
+    configs keep their help): validation, the CLI, the Train tab and the README read it."""
+    metadata = {"help": help, "low": low, "high": high, "low_open": low_open,
+                "choices": tuple(choices) if choices is not None else None}
+    return field(default=default, metadata=metadata)
+
+
+def documented_fields(params_class) -> list[Field]:
+    return [f for f in fields(params_class) if "help" in f.metadata]
+
+
+def check_field(params_class, name: str, value):
+    """Check one value against its field's type and metadata; None passes where the field
+    may be None. Returns the value (floats as float)."""
+    found = {f.name: f for f in documented_fields(params_class)}[name]
+    meta, kind = found.metadata, str(found.type)
+    if value is None and "None" in kind:
+        return None
+    if meta["choices"] is not None:
+        return check_choice(name, value, meta["choices"])
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}.")
+        return value
+    if kind.startswith("int"):
+        return check_whole(name, value, meta["low"], meta["high"])
+    if kind.startswith("float"):
+        return check_real(name, value, meta["low"], meta["high"], low_open=meta["low_open"])
+    return value
+
+
+def check_fields(params) -> None:
+    """Check every documented field of a Params instance (call it from __post_init__)."""
+    for f in documented_fields(type(params)):
+        check_field(type(params), f.name, getattr(params, f.name))
+
+
+def allowed_values(f: Field) -> str:
+    """A field's allowed values in words, as every help text shows them."""
+    meta, kind = f.metadata, str(f.type)
+    if meta["choices"] is not None:
+        text = " | ".join(meta["choices"])
+    elif kind.startswith("bool"):
+        text = "true | false"
+    elif kind.startswith("int") and (meta["low"], meta["high"]) == MODEL_ID_RANGE:
+        text = "a model id"
+    elif kind.startswith("int"):
+        text = f"{meta['low']:,} to {meta['high']:,}"
+    elif kind.startswith("float"):
+        text = f"{'(' if meta['low_open'] else '['}{meta['low']:g}, {meta['high']:g}]"
+    else:
+        text = kind
+    return text + (" or unset" if "None" in kind else "")
+
+
+def describe(params_class) -> list[dict]:
+    """Name, default (absent when required), allowed values and help of each parameter."""
+    return [{"name": f.name, "allowed": allowed_values(f), "help": f.metadata["help"],
+             **({} if f.default is MISSING else {"default": f.default})} for f in documented_fields(params_class)]
+
+
+def markdown_table(params_class) -> str:
+    rows = ["| parameter | default | allowed | what it does |", "|---|---|---|---|"]
+    for p in describe(params_class):
+        default = f"`{json.dumps(p['default'])}`" if "default" in p else "required"
+        rows.append(f"| `{p['name']}` | {default} | {p['allowed']} | {p['help']} |")
+    return "\n".join(rows)

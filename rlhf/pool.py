@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rlhf import safety
-from rlhf.dph import best_of, best_of_k, head_scorer
 from rlhf.generate import Decoding, generate_stories
 from rlhf.models import ModelLoadError, load_causal_lm, resolve_device
+from rlhf.scoring import best_of_k, reranker, sampling_decoding
 from rlhf.settings import Settings
 from storage import completions, models
 from storage.db import Store
@@ -58,13 +58,13 @@ def fill_pool(
                 if len(skipped) == len(policies):
                     raise ModelLoadError(f"No policy could be loaded: {'; '.join(skipped.values())}") from exc
                 continue
-            decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **policy.decoding})
+            decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **sampling_decoding(policy.decoding)})
             texts, batch_seed = [todo[policy.id][pid] for pid in wanted], None if seed is None else seed + start
-            k = best_of(policy.source)  # a DPH policy keeps the best of k samples by its head
+            k = policy.decoding.get("best_of")  # keep the best of k samples by the policy's reranker
             if k is None:
                 stories = generate_stories(model, tokenizer, texts, decoding, batch_size=step, seed=batch_seed)
             else:
-                score = head_scorer(policy.source, device, settings.hub_token)
+                score = reranker(db, policy, device, settings.hub_token)
                 stories = best_of_k(model, tokenizer, texts, decoding, k, score, batch_size=step, seed=batch_seed)
             gen_params = decoding.to_dict() if k is None else {**decoding.to_dict(), "best_of": k}
             for pid, story in zip(wanted, stories):

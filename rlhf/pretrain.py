@@ -1,6 +1,6 @@
 """BabyLM / BabyStories pretraining: a GPT-2 trained from scratch on a small story corpus.
 
-One entry point, `train_pretrain(settings, params, progress) -> ModelRecord`. A byte-level
+The `pretrain` training kind (rlhf.runner: `run(ctx) -> JobResult`). A byte-level
 BPE (rlhf.models.train_bpe_tokenizer) is trained on the corpus, stories are joined with
 <|endoftext|> and packed into blocks of `block_size` tokens, and transformers' Trainer fits
 a causal LM on them. The result is a plain LM (no chat template), so the arena prompts it
@@ -15,10 +15,8 @@ Sizes (GPT2Config; parameter counts include the tied embedding at the default vo
 
 (context is the default block_size of the full preset; vocab is an upper bound: on a small
 corpus the BPE runs out of merges earlier, e.g. 10.3k on 2 MB of TinyStories -> base 30.6 M.)
-Measured on the 2-core build machine (shared, load 4-10), TinyStories text, 1 torch thread:
-small trains about 1,000-1,100 tokens/s, base about 200-250 tokens/s; the quick presets
-took 7 min (small: 200 steps x 8 x 256 tokens, held-out perplexity 8533 -> 144) and
-4 min (base: 40 steps x 4 x 256, 11277 -> 370) end to end.
+The quick presets are sized to finish in minutes on 2 CPU cores (throughput: the README's
+figures).
 
 The BabyStories study used GPT-2 125M and 345M on the 10M/100M-word BabyLM corpora; these
 are the same recipe scaled to what the arena's machines train in one sitting. `block_size`
@@ -46,8 +44,8 @@ steps a checkpoint also joins the arena as its own policy "<name>-stepN"; the ch
 then form a chain (each one's parent is the previous; the final model's parent is the
 last intermediate one) so pair selection compares consecutive checkpoints.
 
-Checkpoints go to progress.output_dir("pretrain"); a re-queued job resumes from the last
-one with the same tokenizer (saved beside them) and the same data split.
+Checkpoints go to the job's output folder; a re-queued job resumes from the last one with
+the same tokenizer (saved beside them) and the same data split.
 """
 
 from __future__ import annotations
@@ -79,22 +77,16 @@ from transformers import (
 
 from rlhf.generate import format_prompt
 from rlhf.models import resolve_device, train_bpe_tokenizer
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, check_whole, given_params, param
 from rlhf.policies import POLICY_NAME
-from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.settings import Settings
-from rlhf.training import (
-    JobProgress,
-    ProgressCallback,
-    register_checkpoint,
-    chosen_model,
-    resume_checkpoint,
-    trainer_device_args,
-)
+from rlhf.training import ProgressCallback, chosen_model, trainer_device_args
 from storage import completions, models
 from storage.db import Store
 from storage.models import ModelRecord
 
-KIND = "pretrain"
+MODEL_KIND = "pretrain"
 SEED = 0
 
 # Architecture per size; context and vocabulary come from block_size / vocab_size.
@@ -159,7 +151,7 @@ def _check_corpus(corpus) -> dict:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"corpus {key} must be a non-empty string, got {text!r}.")
     else:
-        check_whole("corpus distill (a policy id)", value, 1, 2**62)
+        check_whole("corpus distill (a policy id)", value, *MODEL_ID_RANGE)
     return dict(corpus)
 
 
@@ -186,17 +178,20 @@ def _check_file(path: Path) -> None:
 class PretrainParams:
     """A pretraining job's parameters, validated; the size's preset fills what was not given."""
 
-    corpus: dict
-    size: str = "small"
-    preset: str = "quick"
-    max_steps: int = PRESETS["small"]["quick"]["max_steps"]
-    learning_rate: float = PRESETS["small"]["quick"]["learning_rate"]
-    batch_size: int = PRESETS["small"]["quick"]["batch_size"]
-    block_size: int = PRESETS["small"]["quick"]["block_size"]
-    vocab_size: int = PRESETS["small"]["quick"]["vocab_size"]
-    eval_fraction: float = 0.05
-    arena_every: int | None = None
-    name: str | None = None
+    corpus: dict = param(help='{"file": path}, {"hub": dataset id, "split", "text_field"} or {"distill": policy id}')
+    size: str = param("small", "model size (GPT-2 shape)", choices=SIZES)
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=("quick", "full"))
+    max_steps: int = param(PRESETS["small"]["quick"]["max_steps"], "optimizer steps", low=1, high=1_000_000)
+    learning_rate: float = param(PRESETS["small"]["quick"]["learning_rate"], "peak learning rate (cosine schedule)",
+                                 low=0, high=0.1, low_open=True)
+    batch_size: int = param(PRESETS["small"]["quick"]["batch_size"], "blocks per step", low=1, high=1024)
+    block_size: int = param(PRESETS["small"]["quick"]["block_size"], "tokens per block (the model's context)",
+                            low=32, high=2048)
+    vocab_size: int = param(PRESETS["small"]["quick"]["vocab_size"], "BPE vocabulary trained on the corpus",
+                            low=300, high=65536)
+    eval_fraction: float = param(0.05, "share of stories held out for perplexity", low=0, high=0.5, low_open=True)
+    arena_every: int | None = param(None, "every N steps a checkpoint also joins the arena", low=1, high=1_000_000)
+    name: str | None = param(None, "the policy's name (1-60 letters, digits, '.', '_', '-')")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -208,21 +203,14 @@ class PretrainParams:
         if "corpus" not in given:
             raise ValueError('Choose a corpus, e.g. {"file": "stories.txt"}, {"hub": "roneneldan/TinyStories"} '
                              'or {"distill": <policy id>}.')
-        size = check_choice("size", given.get("size", "small"), SIZES)
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS[size])
+        size = check_field(cls, "size", given.get("size", "small"))
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
         budget = {k: v for k, v in PRESETS[size][preset].items() if k not in INTERNAL_BUDGETS}
         return cls(**{**budget, **given, "size": size, "preset": preset})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corpus", _check_corpus(self.corpus))
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        check_real("learning_rate", self.learning_rate, 0, 0.1)
-        check_whole("batch_size", self.batch_size, 1, 1024)
-        check_whole("block_size", self.block_size, 32, 2048)
-        check_whole("vocab_size", self.vocab_size, 300, 65536)
-        check_real("eval_fraction", self.eval_fraction, 0, 0.5)
-        if self.arena_every is not None:
-            check_whole("arena_every", self.arena_every, 1, 1_000_000)
+        check_fields(self)
         if self.name is not None and (not isinstance(self.name, str) or not POLICY_NAME.match(self.name)):
             raise ValueError("name: 1-60 letters, digits, '.', '_' or '-', starting with a letter or digit.")
 
@@ -521,18 +509,6 @@ def _load_or_train_tokenizer(folder: Path, texts: list[str], vocab_size: int, ma
     return tokenizer
 
 
-def _save_model(model, tokenizer, folder: Path) -> Path:
-    """Write a loadable folder atomically (a crash leaves no half-written model)."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
-    return folder
-
-
 def _recent_train_loss(log_history: list[dict]) -> float | None:
     losses = [e["loss"] for e in log_history if "loss" in e and math.isfinite(e["loss"])]
     tail = losses[-TRAIN_LOSS_WINDOW:]
@@ -555,12 +531,10 @@ class ArenaCheckpoints(TrainerCallback):
 # --------------------------------------------------------------------------- entry point
 
 
-def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
+def run(ctx: JobContext) -> JobResult:
     """Pretrain a small GPT-2 on a story corpus and enter it into the arena."""
-    p = PretrainParams.from_dict(params)
+    p, store, settings, progress, output_dir = ctx.params, ctx.store, ctx.settings, ctx.progress, ctx.output_dir
     budget = p.budget
-    store = settings.store()
-    output_dir = progress.output_dir(KIND)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     needed = p.max_steps * p.batch_size * p.block_size  # tokens training will see
@@ -600,19 +574,15 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
     }
 
     def save_intermediate(live_model, step: int) -> Path:
-        return _save_model(live_model, tokenizer, output_dir / f"step-{step}")
+        return ctx.save_model(model_writer(live_model, tokenizer), f"step-{step}")
 
-    def register_intermediate(live_model, step: int, folder: Path, log_history: list[dict]) -> ModelRecord:
-        parent = chain.last or corpus.parent
-        existing = [m for m in models.list_models(store.db) if m.path == str(folder) and m.job_id == progress.job_id]
-        if existing:  # registered before this job was re-queued
-            return existing[0]
+    def register_intermediate(live_model, step: int, folder: Path, log_history: list[dict]) -> ModelRecord | None:
         loss = eval_loss(live_model, eval_blocks, p.batch_size, pad_id)
         metrics = {**base_metrics, "step": step, "eval_loss": loss, "eval_perplexity": _perplexity(loss),
                    "train_loss": _recent_train_loss(log_history), "train_tokens": step * p.batch_size * p.block_size}
-        return register_checkpoint(store, settings, name=f"{name}-step{step}", kind=KIND, path=folder,
-                                   parent=parent, job_id=progress.job_id, metrics=metrics,
-                                   decoding=dict(PRETRAIN_DECODING))
+        return ctx.register_now(ModelSpec(name=f"{name}-step{step}", kind=MODEL_KIND, path=folder,
+                                          parent=chain.last or corpus.parent, metrics=metrics,
+                                          decoding=dict(PRETRAIN_DECODING)))
 
     chain = ArenaCheckpoints(p.arena_every or 0, save_intermediate, register_intermediate)
     eval_every = max(1, math.ceil(p.max_steps / 5))
@@ -644,12 +614,12 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
         train_dataset=Blocks(train_blocks), eval_dataset=Blocks(eval_blocks[:TRAINER_EVAL_BLOCKS]),
         processing_class=tokenizer, callbacks=callbacks,
     )
-    resume = resume_checkpoint(output_dir)
+    resume = ctx.resume_from
     if p.arena_every and resume:  # keep the lineage chain across a re-queue
-        done = [m for m in models.list_models(store.db) if m.job_id == progress.job_id and m.kind == KIND]
+        done = [m for m in models.list_models(store.db) if m.job_id == ctx.job_id and m.kind == MODEL_KIND]
         chain.last = done[-1] if done else None
     progress(DATA_SHARE, f"training {p.max_steps} steps" + (f" (resuming {Path(resume).name})" if resume else ""))
-    start_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    start_step = ctx.resumed_step
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
@@ -657,7 +627,7 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
 
     progress(DATA_SHARE + TRAIN_SHARE, "measuring held-out perplexity")
     final_loss = eval_loss(model, eval_blocks, p.batch_size, pad_id)
-    folder = _save_model(model, tokenizer, output_dir / "model")
+    folder = ctx.save_model(model_writer(model, tokenizer))
     metrics = {
         **base_metrics, "steps": steps, "train_loss": _recent_train_loss(trainer.state.log_history),
         "eval_loss": final_loss, "eval_perplexity": _perplexity(final_loss),
@@ -667,14 +637,16 @@ def train_pretrain(settings: Settings, params: dict, progress: JobProgress) -> M
         if steps > start_step else None,
         "train_seconds": seconds, "resumed_from_step": start_step,
     }
-    progress(0.98, "registering the policy")
-    record = register_checkpoint(
-        store, settings, name=name, kind=KIND, path=folder, parent=chain.last or corpus.parent,
-        job_id=progress.job_id, metrics=metrics, decoding=dict(PRETRAIN_DECODING),
+    return JobResult(
+        models=[ModelSpec(name=name, kind=MODEL_KIND, path=folder, parent=chain.last or corpus.parent,
+                          metrics=metrics, decoding=dict(PRETRAIN_DECODING))],
+        message=f"{name}: held-out perplexity {metrics['eval_perplexity']:.1f} "
+                f"(untrained {metrics['init_eval_perplexity']:.0f})",
     )
-    for stale in output_dir.glob("checkpoint-*"):  # optimizer state is no longer needed
-        shutil.rmtree(stale, ignore_errors=True)
-    progress(1.0, f"{record.name}: held-out perplexity {metrics['eval_perplexity']:.1f} "
-                  f"(untrained {metrics['init_eval_perplexity']:.0f})")
-    return record
 
+
+
+KIND = Kind(
+    name="pretrain", params=PretrainParams, run=run,
+    help="BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
+)

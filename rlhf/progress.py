@@ -15,6 +15,14 @@ class JobCancelled(Exception):
     """Raised inside a job when a researcher cancels it."""
 
 
+def is_main_process() -> bool:
+    """True in a plain process and on rank 0 of an `accelerate launch`: only the main
+    process writes job rows and registers models, so a multi-process job does it once."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 class JobProgress:
     """Progress of one job: a callable `progress(fraction, message)` plus its files.
 
@@ -43,11 +51,6 @@ class JobProgress:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a", encoding="utf-8") as out:
             out.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-
-    def output_dir(self, kind: str) -> Path:
-        """Where this job writes checkpoints; stable per job so a resumed job finds them."""
-        name = f"{kind}-job{self.job_id}" if self.job_id is not None else f"{kind}-{int(time.time())}"
-        return self.settings.models_dir / name
 
 
 def metrics_path(settings: Settings, job_id: int | None) -> Path:

@@ -15,11 +15,8 @@ the same decoding and seed, is the job's headline metric. Checkpoints go to the 
 output folder every few steps, so a re-queued job resumes where it stopped.
 
 Presets (explicit keys override them): "quick" = 24 steps of 2 prompts x 2 stories of 64
-tokens with LoRA, sized for the SmolLM2 starter on 2 CPU cores: with the cores free a step
-took 15.3 s there with a SmolLM2-backbone reward model (`seconds_per_step` printed by
-`python -m rlhf train rloo --base 1 --set reward_model=ID --max-steps 4 --json`), about 2
-minutes more go to loading, the before/after scoring and saving, so quick takes about 8
-minutes; "full" = 400 steps of 4 prompts x 2 stories, for a GPU.
+tokens with LoRA, sized for the SmolLM2 starter on 2 CPU cores (measured in the README's
+figures); "full" = 400 steps of 4 prompts x 2 stories, for a GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import math
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -36,26 +32,23 @@ from pathlib import Path
 
 import torch
 
+from rlhf import scoring
 from rlhf.generate import SYSTEM_PROMPT, Decoding, format_prompt, generate_stories
-from rlhf.models import save_atomically, resolve_device
-from rlhf.params import check_choice, check_optional_bool, check_real, check_whole, given_params
-from rlhf.progress import JobProgress
-from rlhf.reward import Scorer, load_reward_scorer
+from rlhf.models import resolve_device
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
+from rlhf.scoring import Scorer
 from rlhf.settings import Settings
 from rlhf.training import (
+    ProgressCallback,
     chosen_model,
-    job_result,
     load_trainable_lm,
     lora_and_rate,
     lora_config,
-    ProgressCallback,
-    register_checkpoint,
-    resume_checkpoint,
     trainer_device_args,
 )
 from storage import prompts as prompt_rows
 from storage.db import Store
-from storage.models import ModelRecord
 
 PRESETS: dict[str, dict] = {
     "quick": {"max_steps": 24, "prompts_per_step": 2},
@@ -81,38 +74,27 @@ class RlooParams:
     from the base policy's decoding, which the new policy also inherits.
     """
 
-    base: int
-    reward_model: int
-    preset: str = "quick"
-    beta: float = 0.05
-    max_steps: int = PRESETS["quick"]["max_steps"]
-    learning_rate: float | None = None
-    num_generations: int = 2
-    prompts_per_step: int = PRESETS["quick"]["prompts_per_step"]
-    max_new_tokens: int = 64
-    lora: bool | None = None
-    lora_r: int = 8
-    prompt_source: str = "seed"
-    temperature: float | None = None
-    seed: int = 0
+    base: int = param(help="the policy to train (and the KL reference)", low=1, high=MODEL_ID_RANGE[1])
+    reward_model: int = param(help="the reward model (or DPH head) that scores its stories", low=1,
+                              high=MODEL_ID_RANGE[1])
+    preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
+    beta: float = param(0.05, "KL penalty against the base policy", low=0.0, high=10.0)
+    max_steps: int = param(PRESETS["quick"]["max_steps"], "optimizer steps", low=1, high=1_000_000)
+    learning_rate: float | None = param(None, "unset: 5e-5 with LoRA, 5e-6 for all weights", low=0.0, high=1.0,
+                                        low_open=True)
+    num_generations: int = param(2, "stories per prompt (the leave-one-out baseline needs 2)", low=2, high=64)
+    prompts_per_step: int = param(PRESETS["quick"]["prompts_per_step"], "prompts per step", low=1, high=256)
+    max_new_tokens: int = param(64, "story length in tokens while training", low=1, high=1024)
+    lora: bool | None = param(None, "train a LoRA adapter (unset: for models over 50 M parameters)")
+    lora_r: int = param(8, "LoRA rank", low=1, high=256)
+    prompt_source: str = param("seed", "training prompts: the seed prompts, all, or those the teams job evolved",
+                               choices=PROMPT_SOURCES)
+    temperature: float | None = param(None, "sampling temperature (unset: the base policy's)", low=0.0, high=2.0,
+                                      low_open=True)
+    seed: int = param(0, "random seed", low=0, high=2**32 - 1)
 
     def __post_init__(self) -> None:
-        check_whole("base", self.base, 1, 2**62)
-        check_whole("reward_model", self.reward_model, 1, 2**62)
-        check_choice("preset", self.preset, PRESETS)
-        check_real("beta", self.beta, 0.0, 10.0, low_open=False)
-        check_whole("max_steps", self.max_steps, 1, 1_000_000)
-        if self.learning_rate is not None:
-            check_real("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
-        check_whole("num_generations", self.num_generations, 2, 64)
-        check_whole("prompts_per_step", self.prompts_per_step, 1, 256)
-        check_whole("max_new_tokens", self.max_new_tokens, 1, 1024)
-        check_optional_bool("lora", self.lora)
-        check_whole("lora_r", self.lora_r, 1, 256)
-        check_choice("prompt_source", self.prompt_source, PROMPT_SOURCES)
-        if self.temperature is not None:
-            check_real("temperature", self.temperature, 0.0, 2.0, low_open=True)
-        check_whole("seed", self.seed, 0, 2**32 - 1)
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, params: Mapping) -> RlooParams:
@@ -122,27 +104,22 @@ class RlooParams:
             if key not in given:
                 what = "base policy" if key == "base" else "reward model (a model of kind reward)"
                 raise ValueError(f"RLOO needs {key}: the id of the {what}.")
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
         return cls(**{**PRESETS[preset], **given})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def train_rloo(settings: Settings, params: dict, progress: JobProgress) -> ModelRecord:
-    """Train the base policy with RLOO against the reward model; register the new policy."""
-    p = RlooParams.from_dict(params)
-    store = settings.store()
+def run(ctx: JobContext) -> JobResult:
+    """Train the base policy with RLOO against the reward model."""
+    p, store, settings, progress = ctx.params, ctx.store, ctx.settings, ctx.progress
     base = chosen_model(store, p.base, "base policy")
     reward_record = chosen_model(store, p.reward_model, "reward model", reward=True)
-    done = job_result(store, progress.job_id, "rloo")
-    if done is not None:  # a re-run of a job that already registered its policy
-        progress(1.0, f"{done.name} was already registered by this job")
-        return done
     train_texts, eval_texts = _prompt_split(store, p.prompt_source)
     device = resolve_device(settings.device)
     decoding = Decoding.from_dict({
-        **base.decoding, "max_new_tokens": p.max_new_tokens,
+        **scoring.sampling_decoding(base.decoding), "max_new_tokens": p.max_new_tokens,
         **({"temperature": p.temperature} if p.temperature is not None else {}),
     })
 
@@ -150,30 +127,28 @@ def train_rloo(settings: Settings, params: dict, progress: JobProgress) -> Model
     model, tokenizer = load_trainable_lm(base.source, settings.hub_token, padding_side="left")
     use_lora, learning_rate = lora_and_rate(model, p.lora, p.learning_rate)
 
-    scorer = load_reward_scorer(reward_record, device)
+    scorer = scoring.load_reward_scorer(reward_record, device)
 
     progress(0.03, f"scoring {base.name} on {len(eval_texts)} held-out prompts")
     model.to(device)
     reward_before = _mean_reward(model, tokenizer, scorer, eval_texts, decoding, settings)
 
-    output_dir = progress.output_dir("rloo")
-    resume = resume_checkpoint(output_dir)
     trainer = _trainer(
-        settings, p, model, tokenizer, scorer, train_texts, decoding, output_dir, learning_rate,
+        settings, p, model, tokenizer, scorer, train_texts, decoding, ctx.output_dir, learning_rate,
         use_lora, progress,
     )
+    resume = ctx.resume_from
     progress(TRAIN_START, f"training {p.max_steps} steps" + (f" (resuming {Path(resume).name})" if resume else ""))
     started = time.perf_counter()
-    first_step = int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
     steps = trainer.state.global_step
-    steps_run = steps - first_step
+    steps_run = steps - ctx.resumed_step
     history = list(trainer.state.log_history)
 
     progress(TRAIN_START + TRAIN_SHARE, "saving the new policy")
     trained = trainer.model.merge_and_unload() if use_lora else trainer.model
-    policy_dir = _save_policy(output_dir / POLICY_DIR, trained, tokenizer)
+    policy_dir = ctx.save_model(model_writer(trained, tokenizer), POLICY_DIR)
     del trainer, trained, model
     gc.collect()
 
@@ -207,16 +182,10 @@ def train_rloo(settings: Settings, params: dict, progress: JobProgress) -> Model
         "eval_stories": len(eval_texts) * EVAL_SAMPLES_PER_PROMPT,
         "seconds_per_step": train_seconds / steps_run if steps_run else None,
     }
-    progress(0.98, "registering the new policy")
-    record = register_checkpoint(
-        store, settings, name=f"{base.name}-rloo", kind="rloo", path=policy_dir, parent=base,
-        job_id=progress.job_id, metrics=metrics,
-    )
-    # The policy is saved and registered: the resume checkpoints (optimizer state) can go.
-    for checkpoint in output_dir.glob("checkpoint-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    progress(1.0, f"{record.name}: reward {reward_before:.3f} -> {reward_after:.3f}")
-    return record
+    progress(0.98, f"reward {reward_before:.3f} -> {reward_after:.3f}")
+    return JobResult(models=[ModelSpec(
+        name=f"{base.name}-rloo", kind="rloo", path=policy_dir, parent=base, metrics=metrics,
+    )])
 
 
 def _prompt_split(store: Store, source: str) -> tuple[list[str], list[str]]:
@@ -322,14 +291,6 @@ def _trainer(settings, p: RlooParams, model, tokenizer, scorer, train_texts, dec
     )
 
 
-def _save_policy(target: Path, model, tokenizer) -> Path:
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return save_atomically(target, write)
-
-
 def _training_metrics(history: list[dict]) -> dict:
     """Mean KL and the reward model's mean score on training stories, early vs late."""
     def values(key: str) -> list[float]:
@@ -346,3 +307,10 @@ def _training_metrics(history: list[dict]) -> dict:
         out["train_reward_first"] = statistics.fmean(reward[:window])
         out["train_reward_last"] = statistics.fmean(reward[-window:])
     return out
+
+
+KIND = Kind(
+    name="rloo", params=RlooParams, run=run, needs_base_policy=True,
+    model_params={"base": "base policy", "reward_model": "reward model"},
+    help="RLHF with RLOO and a reward model (set reward_model). Quick: 24 steps, sized for the starter on 2 CPU cores.",
+)

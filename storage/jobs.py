@@ -15,7 +15,8 @@ FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 def _decode(row: dict) -> dict:
-    return {**row, "params": loads(row["params"]), "metrics": loads(row["metrics"])}
+    return {**row, "params": loads(row["params"]), "metrics": loads(row["metrics"]),
+            "result_model_ids": None if row.get("result_model_ids") is None else loads(row["result_model_ids"])}
 
 
 def check_queue_room(db: Database, created_by: int | None, max_queued: int) -> None:
@@ -126,3 +127,15 @@ def requeue(db: Database, job_id: int) -> None:
             raise ValueError(f"Job {job_id} is {status}; only interrupted, failed or cancelled jobs can be resumed.")
         db["jobs"].update(job_id, {"status": "queued", "message": "queued to resume", "error": None,
                                    "finished_at": None, "pid": None})
+
+
+def record_results(db: Database, job_id: int, model_ids: list[int], metrics: dict | None) -> None:
+    """What a job produced (its models, first the main one, and metrics): once recorded, a
+    re-run of the job does not train again. Part of the caller's registering transaction."""
+    db["jobs"].update(job_id, {"result_model_ids": dumps(model_ids), "metrics": dumps(metrics),
+                               "result_model_id": model_ids[0] if model_ids else None})
+
+
+def recorded_results(db: Database, job_id: int) -> list[int] | None:
+    """The model ids a run of this job recorded ([] for a job that makes none); None: not yet."""
+    return get_job(db, job_id)["result_model_ids"]

@@ -248,6 +248,8 @@ def m010_annotator_identity(db: Database) -> None:
     for row in db.query("SELECT id, name FROM annotators"):
         db.execute("UPDATE annotators SET name_key = ? WHERE id = ?", [name_key(row["name"]), row["id"]])
     db["annotators"].create_index(["name_key"])
+
+
 # Seeded once into content_themes by m012; researchers edit the stored list afterwards.
 _DEFAULT_UNSUITABLE_THEMES = (
     "corpse", "corpses", "dead body", "dead bodies", "gore", "gory", "blood-soaked", "murder",
@@ -295,3 +297,10 @@ def m012_collections_imports_and_content_checks(db: Database) -> None:
     )
     db["reports"].create_index(["annotator_id", "prompt_id", "completion_id"], unique=True)
     db["reports"].create_index(["status"])
+
+
+@MIGRATIONS()
+def m013_job_results(db: Database) -> None:
+    """jobs.result_model_ids: a JSON list, set in the transaction that registers a job's
+    models (empty for kinds that make none); a re-run of a job that has it trains nothing."""
+    db["jobs"].add_column("result_model_ids", str)

@@ -19,21 +19,17 @@ from rlhf.dph import (
     PRESET_VALUES,
     DirectPreferenceHeadModel,
     DPHParams,
-    PreferenceHead,
-    best_of,
-    best_of_k,
     conservative_dpo_loss,
     contrastive_loss,
-    head_scorer,
     separable_loss,
-    train_dph,
 )
 from rlhf.generate import Decoding, generate_stories
-from rlhf.jobs import check_training_params, run_inline
+from rlhf.jobs import run_inline
+from rlhf.runner import check_params, train
 from rlhf.models import load_causal_lm
 from rlhf.pool import fill_pool
 from rlhf.progress import JobProgress
-from rlhf.reward import load_reward_scorer
+from rlhf.scoring import PreferenceHead, best_of_k, head_scorer, load_reward_scorer, sampling_decoding
 from rlhf.rloo import reward_function
 from rlhf.training import preference_data
 from storage import completions, jobs, models, prompts, scores, votes
@@ -197,7 +193,7 @@ def test_head_training_end_to_end(arena_dir):
 
     policy = models.get_model(db, job["result_model_id"])
     assert (policy.kind, policy.parent_id, policy.active, policy.job_id) == ("dph", base_id, True, job["id"])
-    assert policy.name == f"{base.name}-dph" and policy.decoding == base.decoding
+    assert policy.name == f"{base.name}-dph" and policy.decoding == {**base.decoding, "best_of": 3, "reranker": "head"}
     m = policy.metrics
     assert (m["mode"], m["objective"], m["best_of"], m["steps"], m["votes_used"]) == ("head", "contrastive", 3, 300, 128)
     assert m["train_pairs"] + m["eval_pairs"] == 128 and m["eval_pairs"] >= 24
@@ -206,8 +202,8 @@ def test_head_training_end_to_end(arena_dir):
 
     # The folder: the LM, the head and k; the LM is the base's, so its logits are too.
     folder = Path(policy.path)
-    assert json.loads((folder / "dph.json").read_text())["best_of"] == 3 and best_of(policy.path) == 3
-    assert best_of(base.path) is None
+    assert policy.decoding["best_of"] == 3 and policy.decoding["reranker"] == "head"
+    assert "best_of" not in base.decoding
     wrapped = DirectPreferenceHeadModel.from_folder(folder)
     original = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
     ids = torch.tensor([list(range(3, 40))])
@@ -250,13 +246,13 @@ def test_head_training_end_to_end(arena_dir):
 
     # RLOO takes the head as its reward model: its parameters pass, and the TRL reward
     # function it builds from load_reward_scorer returns the head's scores.
-    check_training_params(store, "rloo", {"base": base_id, "reward_model": reward.id})
+    check_params(store, "rloo", {"base": base_id, "reward_model": reward.id})
     assert reward_function(scorer)(prompts=["x"], completions=[f" {row[2]} "], prompt_text=[row[1]]) == \
         pytest.approx([stored[row[0]]], abs=1e-4)
 
     # A re-queued run of the finished job returns the registered policy.
     jobs.update_job(db, job["id"], status="running")
-    again = train_dph(settings, {"base": base_id}, JobProgress(settings, job["id"]))
+    again = train(settings, "dph", {"base": base_id}, JobProgress(settings, job["id"]))
     assert again.id == policy.id and len([x for x in models.list_models(db) if x.kind == "dph"]) == 1
 
 
@@ -274,7 +270,7 @@ def test_pool_of_a_dph_policy_is_the_best_of_k_by_its_head(arena_dir):
     # the head scores highest.
     model, tokenizer = load_causal_lm(policy.path, CPU)
     score = head_scorer(policy.path, CPU)
-    decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **policy.decoding})
+    decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **sampling_decoding(policy.decoding)})
     texts = [r["text"] for r in completions.prompts_without_completion(db, policy.id, 2)]
     repeated = [t for t in texts for _ in range(4)]
     candidates = generate_stories(model, tokenizer, repeated, decoding, batch_size=settings.generation_batch_size, seed=5)
@@ -331,6 +327,6 @@ def test_cli_trains_and_registers_a_head(arena_dir):
     result = json.loads(proc.stdout)
     assert result["status"] == "succeeded", result["error"]
     policy = models.get_model(store.db, result["model_id"])
-    assert policy.kind == "dph" and policy.parent_id == base_id and best_of(policy.path) == 2
+    assert policy.kind == "dph" and policy.parent_id == base_id and policy.decoding["best_of"] == 2
     assert result["metrics"]["steps"] == 30 and 0.0 <= result["metrics"]["eval_accuracy"] <= 1.0
     assert models.get_model(store.db, policy.metrics["reward_model_id"]).kind == "reward"

@@ -16,12 +16,12 @@ from rlhf.dpo import (
     DPOParams,
     TimeBudget,
     preference_dataset,
-    train_dpo,
 )
 from rlhf.generate import Decoding, format_prompt, generate_stories
 from rlhf.jobs import run_inline
 from rlhf.models import load_causal_lm
 from rlhf.progress import JobCancelled, JobProgress
+from rlhf.runner import train
 from rlhf.training import preference_data
 from storage import completions, models, prompts, votes
 from storage import jobs as job_rows
@@ -154,8 +154,8 @@ def check_trained_policy(settings, store, base, job, loss_type: str, lora: bool)
     assert job["metrics"] == m
     # A plain folder, checkpoints gone, loads and writes stories like any policy.
     path = Path(record.path)
-    assert path == settings.models_dir / f"dpo-job{job['id']}"
-    assert not list(path.glob("checkpoint-*")) and not (path / "adapter_config.json").exists()
+    assert path == settings.models_dir / f"dpo-job{job['id']}" / "model"
+    assert not list(path.parent.glob("checkpoint-*")) and not (path / "adapter_config.json").exists()
     assert json.loads((path / "config.json").read_text())["use_cache"] is True
     model, tokenizer = load_causal_lm(record.path, CPU)
     stories = generate_stories(model, tokenizer, ["A cat finds a hat."], Decoding(max_new_tokens=8), seed=0)
@@ -320,12 +320,12 @@ def test_a_requeued_job_resumes_from_its_checkpoint(voted):
     job_id = job_rows.create_job(store.db, "dpo", params)
     job_rows.update_job(store.db, job_id, status="running")
     with pytest.raises(JobCancelled):
-        train_dpo(settings, params, StopAfter(settings, job_id, step=3))
+        train(settings, "dpo", params, StopAfter(settings, job_id, step=3))
     output_dir = settings.models_dir / f"dpo-job{job_id}"
     assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-2"]
-    record = train_dpo(settings, params, JobProgress(settings, job_id))
+    record = train(settings, "dpo", params, JobProgress(settings, job_id))
     assert record.metrics["resumed_from_step"] == 2 and record.metrics["steps"] == 4
     assert not list(output_dir.glob("checkpoint-*"))
     # Run once more (a crash after registering): the same model comes back, no duplicate.
-    assert train_dpo(settings, params, JobProgress(settings, job_id)).id == record.id
+    assert train(settings, "dpo", params, JobProgress(settings, job_id)).id == record.id
     assert len([m for m in models.list_models(store.db) if m.kind == "dpo"]) == 1

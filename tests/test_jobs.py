@@ -17,6 +17,7 @@ from rlhf import jobs
 from rlhf.jobs import HEAVY, LIGHT, JobWorker, job_lane
 from rlhf.pool import fill_pool
 from rlhf.progress import JobProgress
+from rlhf.runner import KIND_MODULES
 from rlhf.settings import add_arguments, from_args
 from storage import completions, models
 from storage import jobs as job_rows
@@ -155,7 +156,7 @@ def _running(db, job_id: int):
 
 
 def test_training_kinds_are_heavy_and_the_rest_light():
-    assert {job_lane(kind) for kind in jobs.TRAINING_KINDS} == {HEAVY}
+    assert {job_lane(kind) for kind in KIND_MODULES} == {HEAVY}
     assert {job_lane(kind) for kind in ("prepare", "generate", "publish", "push", "no-such-kind")} == {LIGHT}
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import datasets.config
 import huggingface_hub.constants
 import pytest
 import torch
 
-from rlhf import jobs, pretrain
+from rlhf import jobs, pretrain, training
 from rlhf.generate import Decoding, generate_stories
 from rlhf.models import load_causal_lm
 from rlhf.pool import fill_pool
@@ -131,7 +132,7 @@ def test_pretrain_on_txt_upload_enters_the_arena(settings, txt_corpus):
 
 def test_jsonl_with_arena_checkpoints_and_resume(settings, jsonl_corpus, monkeypatch):
     params = {"corpus": {"file": str(jsonl_corpus)}, **TINY, "arena_every": 10, "name": "kid-lm"}
-    real_register = pretrain.register_checkpoint
+    real_register = training.register_checkpoint
     calls = []
 
     def crash_on_final(*args, **kwargs):  # the process dies after training, before registering
@@ -140,12 +141,12 @@ def test_jsonl_with_arena_checkpoints_and_resume(settings, jsonl_corpus, monkeyp
             raise RuntimeError("killed")
         return real_register(*args, **kwargs)
 
-    monkeypatch.setattr(pretrain, "register_checkpoint", crash_on_final)
+    monkeypatch.setattr(training, "register_checkpoint", crash_on_final)
     job = jobs.run_inline(settings, "pretrain", params)
     assert job["status"] == "failed" and "killed" in job["error"]
     assert calls == ["kid-lm-step10", "kid-lm"]
 
-    monkeypatch.setattr(pretrain, "register_checkpoint", real_register)
+    monkeypatch.setattr(training, "register_checkpoint", real_register)
     job = run_queued(settings, job["id"])  # the worker re-runs the re-queued job
     assert job["status"] == "succeeded", job["error"]
     db = settings.store().db
@@ -161,6 +162,15 @@ def test_jsonl_with_arena_checkpoints_and_resume(settings, jsonl_corpus, monkeyp
     assert final.metrics["eval_perplexity"] <= step10.metrics["eval_perplexity"]
     assert len(generate_jobs_for(db, step10.id)) == 1 and len(generate_jobs_for(db, final.id)) == 1
     load_causal_lm(step10.path, CPU)
+
+    # Re-run once its models are registered (killed before it finished): it trains nothing,
+    # registers nothing twice and overwrites no folder.
+    written = {m.path: (Path(m.path) / "model.safetensors").stat().st_mtime_ns for m in (step10, final)}
+    again = run_queued(settings, job["id"])
+    assert again["status"] == "succeeded" and again["result_model_id"] == final.id
+    assert [m.name for m in models.list_models(db) if m.kind == "pretrain"] == ["kid-lm-step10", "kid-lm"]
+    assert {path: (Path(path) / "model.safetensors").stat().st_mtime_ns for path in written} == written
+    assert len(generate_jobs_for(db, final.id)) == 1
 
 
 def test_distill_the_tiny_starters_pool(arena_dir):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.app_server import TINY_ARGS, query, running_app, wait_for, wait_for_pool
-from rlhf.jobs import check_training_params
+from rlhf.runner import check_params
 from rlhf.models import ModelLoadError
 from rlhf.pool import fill_pool
 from storage import completions, models
@@ -131,14 +131,14 @@ def test_a_malformed_corpus_is_refused_before_a_job_is_queued(store, tmp_path, n
     upload = tmp_path / name
     upload.write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        check_training_params(store, "pretrain", {"corpus": {"file": str(upload)}})
+        check_params(store, "pretrain", {"corpus": {"file": str(upload)}})
     assert job_rows.list_jobs(store.db) == []
 
 
 def test_a_well_formed_corpus_passes_the_check(store, tmp_path):
     upload = tmp_path / "stories.jsonl"
     upload.write_text("\n".join(json.dumps({"text": f"Story {i}."}) for i in range(3)), encoding="utf-8")
-    check_training_params(store, "pretrain", {"corpus": {"file": str(upload)}})
+    check_params(store, "pretrain", {"corpus": {"file": str(upload)}})
 
 
 def test_researchers_beyond_localhost_need_a_key_unless_they_sign_in_with_hugging_face(tmp_path):

@@ -11,7 +11,9 @@ import pytest
 
 from rlhf import arena
 from rlhf.jobs import run_inline
-from rlhf.reward import PRESET_VALUES, RewardParams, load_reward_scorer, score_new_completions, train_reward
+from rlhf.reward import PRESET_VALUES, RewardParams
+from rlhf.runner import train
+from rlhf.scoring import load_reward_scorer, score_new_completions
 from rlhf.training import JobProgress
 from storage import annotators, completions, jobs, models, prompts, scores, votes
 from storage.db import Store
@@ -203,7 +205,7 @@ def test_reward_model_learns_longer_is_better_and_predicts_live_votes(arena_dir)
 
     # a re-run of the same job (re-queued after a crash) reuses the registered model
     jobs.update_job(db, job["id"], status="running")
-    again = train_reward(settings, {"base": policy_x, **TINY_PARAMS}, JobProgress(settings, job["id"]))
+    again = train(settings, "reward", {"base": policy_x, **TINY_PARAMS}, JobProgress(settings, job["id"]))
     assert again.id == record.id and len([x for x in models.list_models(db) if x.kind == "reward"]) == 1
 
 
@@ -211,14 +213,14 @@ def test_reward_job_refuses_bad_inputs(arena_dir):
     settings, store = arena_dir
     progress = JobProgress(settings, None)
     with pytest.raises(ValueError, match="at least 8 decided votes"):
-        train_reward(settings, {}, progress)
+        train(settings, "reward", {}, progress)
     policy_x, _ = _vote_longer(store, n=10)
     with pytest.raises(ValueError, match="No base policy with id 999"):
-        train_reward(settings, {"base": 999}, progress)
+        train(settings, "reward", {"base": 999}, progress)
     job = run_inline(settings, "reward", {"base": policy_x, "max_steps": 2, "batch_size": 2, "max_length": 64})
     assert job["status"] == "succeeded", job["error"]
     with pytest.raises(ValueError, match="is a reward model"):
-        train_reward(settings, {"base": job["result_model_id"]}, progress)
+        train(settings, "reward", {"base": job["result_model_id"]}, progress)
     failed = run_inline(settings, "reward", {"nonsense": 1})
     assert failed["status"] == "failed" and "Unknown reward parameter" in failed["error"]
 

@@ -187,16 +187,20 @@ def test_unknown_key_fails_the_job_clearly(arena_dir):
 def test_a_requeued_job_resumes_from_its_checkpoint(arena_dir, monkeypatch):
     """A job that died after training resumes from its last checkpoint instead of restarting,
     and running a finished job again returns the policy it registered."""
-    import rlhf.reward
-    import rlhf.rloo as rloo
+    from rlhf import scoring, training
     from rlhf.progress import JobProgress
+    from rlhf.runner import output_dir, train
 
     settings, store = arena_dir
     db = store.db
     base = models.list_models(db)[0]
     # Any reward model row will do here: the scorer is replaced by a cheap one.
     reward_row = models.add_model(db, "length-reward", "reward", path=base.path, active=False)
-    monkeypatch.setattr(rlhf.reward, "load_reward_scorer", lambda record, device: lambda p, s: [len(x) for x in s])
+
+    def length_scorer(record, device):
+        return lambda prompts, stories: [len(x) for x in stories]
+
+    monkeypatch.setattr(scoring, "load_reward_scorer", length_scorer)
     params = {"base": base.id, "reward_model": reward_row.id, "max_steps": 2, "max_new_tokens": 8}
     job_id = job_rows.create_job(db, "rloo", params)
     job_rows.update_job(db, job_id, status="running")
@@ -205,13 +209,13 @@ def test_a_requeued_job_resumes_from_its_checkpoint(arena_dir, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("the job process died")
 
-    monkeypatch.setattr(rloo, "register_checkpoint", crash)
+    monkeypatch.setattr(training, "register_checkpoint", crash)
     with pytest.raises(RuntimeError):
-        rloo.train_rloo(settings, params, progress)
-    assert [p.name for p in progress.output_dir("rloo").glob("checkpoint-*")] == ["checkpoint-2"]
+        train(settings, "rloo", params, progress)
+    assert [p.name for p in output_dir(settings, "rloo", job_id).glob("checkpoint-*")] == ["checkpoint-2"]
 
     monkeypatch.undo()
-    monkeypatch.setattr(rlhf.reward, "load_reward_scorer", lambda record, device: lambda p, s: [len(x) for x in s])
+    monkeypatch.setattr(scoring, "load_reward_scorer", length_scorer)
     messages = []
 
     class Recording(JobProgress):
@@ -219,7 +223,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint(arena_dir, monkeypatch):
             messages.append(message)
             super().__call__(fraction, message)
 
-    record = rloo.train_rloo(settings, {**params, "max_steps": 3}, Recording(settings, job_id))
+    record = train(settings, "rloo", {**params, "max_steps": 3}, Recording(settings, job_id))
     assert any("resuming checkpoint-2" in m for m in messages)
     assert record.metrics["steps"] == 3 and record.job_id == job_id
-    assert rloo.train_rloo(settings, {**params, "max_steps": 3}, Recording(settings, job_id)).id == record.id
+    assert train(settings, "rloo", {**params, "max_steps": 3}, Recording(settings, job_id)).id == record.id

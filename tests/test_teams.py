@@ -234,7 +234,8 @@ def test_cli_train_teams_grows_the_prompt_set_and_queues_stories(arena_dir, capf
 
 
 def test_teams_job_with_the_policy_expert(arena_dir, monkeypatch):
-    from rlhf.jobs import check_training_params, run_inline
+    from rlhf.jobs import run_inline
+    from rlhf.runner import check_params
 
     monkeypatch.setattr(teams, "load_encoder", lambda settings: bag_encoder)
     settings, store = arena_dir
@@ -243,7 +244,23 @@ def test_teams_job_with_the_policy_expert(arena_dir, monkeypatch):
     starter = next(m for m in models.list_models(store.db) if m.kind == "starter")
     assert (job["metrics"]["expert_queries"], job["metrics"]["expert"]) == (4, starter.name)
     with pytest.raises(ValueError, match="No expert policy with id 99"):
-        check_training_params(store, "teams", {"expert": 99})
+        check_params(store, "teams", {"expert": 99})
+
+
+def test_a_requeued_teams_job_that_stored_its_prompts_adds_none_twice(arena_dir, monkeypatch):
+    from rlhf.jobs import execute, run_inline
+
+    monkeypatch.setattr(teams, "load_encoder", lambda settings: bag_encoder)
+    settings, store = arena_dir
+    job = run_inline(settings, "teams", {"budget": 8, "executor": "rules", "episodes_per_round": 4})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["new_prompt_ids"]
+    prompts_after, jobs_after = prompts.prompt_count(store.db), len(job_rows.list_jobs(store.db, limit=1000))
+    job_rows.update_job(store.db, job["id"], status="running")  # killed after storing, then re-run
+    again = execute(settings, job["id"])
+    assert again["status"] == "succeeded" and again["metrics"] == job["metrics"]
+    assert prompts.prompt_count(store.db) == prompts_after
+    assert len(job_rows.list_jobs(store.db, limit=1000)) == jobs_after  # no pool queued twice
 
 
 def test_budget_is_refused_cleanly_by_other_kinds(tmp_path, capfd, monkeypatch):

@@ -13,12 +13,11 @@ from rlhf.training import (
     FULL_LEARNING_RATE,
     LORA_LEARNING_RATE,
     chosen_model,
-    job_result,
     lora_and_rate,
     lora_config,
     preference_data,
 )
-from storage import annotators, completions, jobs, models, prompts, votes
+from storage import annotators, completions, models, prompts, votes
 from storage.votes import ShownPair
 
 
@@ -78,16 +77,6 @@ def test_chosen_model_explains_a_wrong_id(store):
         chosen_model(store, policy.id, "reward model", reward=True)
     with pytest.raises(ValueError, match="Choose a base policy"):
         chosen_model(store, None, "base policy")
-
-
-def test_job_result_finds_what_a_previous_run_of_the_job_registered(store):
-    other, this = (jobs.create_job(store.db, "dpo", {}) for _ in range(2))
-    assert job_result(store, None, "dpo") is None
-    assert job_result(store, this, "dpo") is None
-    models.add_model(store.db, "other-job", "dpo", path="/a", job_id=other)
-    mine = models.add_model(store.db, "this-job", "dpo", path="/b", job_id=this)
-    assert job_result(store, this, "dpo").id == mine.id
-    assert job_result(store, this, "rloo") is None
 
 
 def test_lora_targets_the_attention_of_gpt2_and_llama():

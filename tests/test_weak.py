@@ -15,8 +15,9 @@ from rlhf.jobs import run_inline
 from rlhf.leaderboard import standings
 from rlhf.weak import (
     ABSTAIN, LF_NAMES, PREFER_A, PREFER_B, WeakParams, confident, fit_label_model, label_pool, prob_a,
-    votes_for_pair, weak_training_pairs,
+    votes_for_pair,
 )
+from rlhf.training import weak_training_pairs
 from storage import annotators, completions, models, prompts, votes, weak
 from storage.db import Store
 from storage.votes import ShownPair
@@ -189,6 +190,15 @@ def test_weak_votes_never_reach_the_leaderboard_and_replace_each_other(tmp_path)
              [(r["policy"], r["wins"], r["losses"]) for r in standings(store)])
     assert after == before
     assert {r["source"]: r["votes"] for r in votes.votes_per_source(db)} == {"human": 4, "weak": 8}
+
+    # a job re-run after it stored its labels (killed before finishing) labels nothing again
+    stored = db.execute("SELECT id FROM votes WHERE source = 'weak' ORDER BY id").fetchall()
+    from rlhf.jobs import execute
+    from storage import jobs as job_rows
+
+    job_rows.update_job(db, job["id"], status="running")
+    assert execute(settings, job["id"])["metrics"] == job["metrics"]
+    assert db.execute("SELECT id FROM votes WHERE source = 'weak' ORDER BY id").fetchall() == stored
 
     # a weak pair people vote on later is theirs alone: no longer weak training data
     pair = weak.pool_pairs(db)[-1]

@@ -12,31 +12,25 @@ import gradio as gr
 import pandas as pd
 
 from rlhf.heldout import heldout_markdown
-from rlhf.jobs import TRAINING_KINDS, check_training_params, job_lane, log_path
-from rlhf.params import json_object
-from rlhf.settings import Settings
+from rlhf.jobs import job_lane, log_path
+from rlhf.params import json_object, markdown_table
 from rlhf.progress import read_metrics
+from rlhf.runner import check_params, get_kind, kind_names
+from rlhf.settings import Settings
 from storage import jobs as job_rows
 from storage import models
 from storage.db import Store
 from ui.common import require_researcher, row_id
 
-KIND_HELP = {
-    "reward": "Reward model on the human preferences (RewardTrainer). Base: the policy whose weights start it.",
-    "dpo": "Direct Preference Optimization on the preferences (DPOTrainer; loss_type sigmoid, ipo or robust).",
-    "rloo": "RLHF with RLOO and a reward model: set reward_model in the extra parameters, e.g. {\"reward_model\": 3}. Quick: 24 steps (about 8 minutes for the starter on 2 free CPU cores).",
-    "pretrain": "BabyLM-style GPT-2 from scratch on an uploaded corpus (.txt or .jsonl) or distilled from a policy.",
-    "dph": "Direct Preference Head: a scalar head on the base policy's last hidden state (LM untouched in the default mode head). Registers a best-of-k policy and the head as a reward model; extra e.g. {\"best_of\": 4, \"objective\": \"separable\", \"mode\": \"lora\", \"w_dpo\": 0.5}.",
-    "weak": "Weak labels: labeling functions and a Snorkel label model label the pool's unvoted pairs (source weak, never on the leaderboard); Max steps: label-model epochs; extra e.g. {\"threshold\": 0.8}. Then train a reward model with {\"weak_labels\": true}.",
-    "teams": "TeaMs-RL: an RL instructor picks operations (breadth, constraints, deepening, ...) that an expert policy applies to evolve new prompts (source teams, with parent and operation; see the Prompts tab); registers no model. Max steps: the expert-query budget (quick 48); extra e.g. {\"executor\": \"rules\", \"expert\": 1, \"threshold\": 0.1}.",
-}
-# Kinds that learn from the votes, where the form's data filter applies.
-PREFERENCE_KINDS = ("reward", "dpo", "dph")
-# Kinds that start from no policy: a base picked in the form is not passed to them.
-KINDS_WITHOUT_BASE = ("pretrain", "weak", "teams")
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 LOG_TAIL_LINES = 40
+
+
+def kind_help(kind: str) -> str:
+    """What a kind does and its parameters (from its Params), for the form."""
+    declared = get_kind(kind)
+    return f"{declared.help}\n\n{markdown_table(declared.params)}"
 
 
 def _model_choices(store: Store) -> list[tuple[str, int]]:
@@ -47,19 +41,20 @@ def job_params(
     kind: str, base: int | None, preset: str, max_steps: float | None, extra: str, corpus: str | None,
     min_annotators: float | None = None,
 ) -> dict:
-    """The job's parameters from the form (check_training_params validates them)."""
-    if kind not in TRAINING_KINDS:
-        raise ValueError(f"Choose what to train: {', '.join(TRAINING_KINDS)}.")
+    """The job's parameters from the form (check_params validates them)."""
+    if kind not in kind_names():
+        raise ValueError(f"Choose what to train: {', '.join(kind_names())}.")
+    declared = get_kind(kind)
     params = json_object(extra, "Extra parameters", '{"beta": 0.1}')
     params["preset"] = preset
-    if base not in (None, "") and kind not in KINDS_WITHOUT_BASE:
+    if base not in (None, "") and declared.needs_base_policy:
         try:
             params["base"] = int(base)
         except (TypeError, ValueError):
             raise ValueError(f"Base must be a model id, got {base!r}.") from None
     if max_steps:
-        params["budget" if kind == "teams" else "max_steps"] = int(max_steps)
-    if min_annotators and min_annotators > 1 and kind in PREFERENCE_KINDS:
+        params[declared.steps_param] = int(max_steps)
+    if min_annotators and min_annotators > 1 and declared.learns_from_votes:
         params["min_annotators"] = int(min_annotators)
     if kind == "pretrain" and corpus:
         params.setdefault("corpus", {"file": corpus})
@@ -153,10 +148,10 @@ def curve_svg(name: str, points: list[tuple[int, float]]) -> str:
 def build_train_tab(settings: Settings, store: Store, session: gr.State):
     gr.Markdown("Researchers only. Jobs run one at a time in the background; the result enters the arena by itself.")
     with gr.Group(visible=False) as tools:
-        kind = gr.Dropdown(label="Kind", choices=list(TRAINING_KINDS), value="reward")
-        kind_help = gr.Markdown(KIND_HELP["reward"])
+        kind = gr.Dropdown(label="Kind", choices=kind_names(), value="reward")
+        kind_text = gr.Markdown(kind_help("reward"))
         # Choices are refreshed on page load; a custom value lets API clients and pages opened
-        # before a model existed name any id, which check_training_params then checks.
+        # before a model existed name any id, which check_params then checks.
         base = gr.Dropdown(label="Base policy / model", choices=_model_choices(store), allow_custom_value=True)
         preset = gr.Radio(["quick", "full"], value="quick", label="Budget (quick: under 10 minutes on 2 CPU cores for the starter)")
         max_steps = gr.Number(label="Max steps (empty: from the budget)", precision=0)
@@ -177,7 +172,7 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
             params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path, judges)
             if isinstance(params.get("corpus"), dict) and "file" in params["corpus"]:
                 params["corpus"]["file"] = str(settings.data_file(params["corpus"]["file"], "corpus file"))
-            check_training_params(store, kind_value, params)
+            check_params(store, kind_value, params)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
         try:
@@ -186,7 +181,7 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
             raise gr.Error(str(exc)) from exc
         return f"Queued job **{job_id}** ({html.escape(kind_value)}). Follow it in the Jobs tab."
 
-    kind.change(lambda k: KIND_HELP.get(k, ""), kind, kind_help, api_visibility="private")
+    kind.change(lambda k: kind_help(k) if k in kind_names() else "", kind, kind_text, api_visibility="private")
     launch.click(
         launch_job, [session, kind, base, preset, max_steps, extra, corpus, min_annotators], launched, api_name="train",
     )
