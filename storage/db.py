@@ -57,7 +57,20 @@ def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Databa
     sqlite-utils' atomic() begins DEFERRED: a read-then-write transaction then fails at
     once with "database is locked" when another connection committed in between, and the
     busy timeout cannot help. Taking the lock first makes concurrent writers queue instead.
+    Inside another write transaction it becomes a savepoint of it: the outer one holds the
+    lock, and the inner block commits or rolls back with it (e.g. a job queued while a
+    training job's models are registered).
     """
+    if db.conn.in_transaction:
+        db.conn.execute("SAVEPOINT nested_write")
+        try:
+            yield db
+        except BaseException:
+            db.conn.execute("ROLLBACK TO nested_write")
+            db.conn.execute("RELEASE nested_write")
+            raise
+        db.conn.execute("RELEASE nested_write")
+        return
     db.conn.execute("BEGIN IMMEDIATE")
     try:
         yield db

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from storage import annotators, completions, jobs, models, prompts, votes
-from storage.db import BUSY_TIMEOUT_MS, Store, connect
+from storage.db import BUSY_TIMEOUT_MS, Store, connect, write_transaction
 from storage.schema import MIGRATIONS
 from storage.votes import ShownPair
 
@@ -458,3 +458,16 @@ def test_vote_survives_a_writer_committing_inside_its_transaction(store):
         other.conn.close()
     assert fired, "the interleaving hook never ran"
     assert new and db["votes"].count == 1 and votes.human_vote_total(db) == 1
+
+
+def test_a_write_transaction_inside_another_joins_it(tmp_path):
+    """Queuing a job while a job's models are registered: the inner block commits with the
+    outer one, and an inner failure undoes only the inner block."""
+    store = Store(tmp_path / "arena.db")
+    db = store.db
+    with write_transaction(db):
+        first = jobs.create_job(db, "generate", {})
+        with pytest.raises(ValueError), write_transaction(db):
+            jobs.create_job(db, "generate", {})
+            raise ValueError("inner failure")
+    assert [j["id"] for j in jobs.list_jobs(db)] == [first]
