@@ -49,7 +49,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -423,7 +423,7 @@ def best_of_k(model, tokenizer, prompts: Sequence[str], decoding: Decoding, k: i
     best = []
     for i in range(len(prompts)):
         winner = max(range(i * k, (i + 1) * k), key=lambda j: rewards[j])
-        best.append(Story(text=candidates[winner].text, tokens=candidates[winner].tokens, ms=ms))
+        best.append(replace(candidates[winner], ms=ms))
     return best
 
 

@@ -68,7 +68,7 @@ def fill_pool(
             for pid, story in zip(wanted, stories):
                 completions.add_completion(
                     db, pid, policy.id, story.text[: settings.max_story_chars],
-                    gen_params, story.tokens, story.ms,
+                    gen_params, story.tokens, story.ms, story.truncated,
                 )
             if after_batch is not None:
                 after_batch(policy.id)

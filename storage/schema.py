@@ -231,3 +231,11 @@ def m005_quality_controls(db: Database) -> None:
     db["votes"].add_column("gold_id", int)
     db["annotators"].add_column("excluded_at", float)
     db["annotators"].add_column("excluded_reason", str)
+
+
+@MIGRATIONS()
+def m011_completion_truncated(db: Database) -> None:
+    """completions.truncated: 1 when the story hit the token budget before end-of-sequence
+    (and was trimmed to its last finished sentence), 0 when the model ended it, NULL for
+    stories written before this was recorded. A plain ALTER TABLE column."""
+    db["completions"].add_column("truncated", int)
