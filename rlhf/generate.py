@@ -17,9 +17,11 @@ import torch
 from rlhf.params import check_real, check_whole, given_params
 from rlhf.story_features import trim_unfinished
 
+# A length and a clear ending, asked for in words: without them SmolLM2 ran past 200 tokens
+# mid-story in most pool stories (bench/stories.py).
 SYSTEM_PROMPT = (
-    "You are a storyteller for young children. Write a short, simple story for the "
-    "user's prompt, in plain words a five-year-old understands."
+    "You are a storyteller for young children. Write a short, simple story of about 100 words "
+    "for the user's prompt, in plain words a five-year-old understands, and give it a clear ending."
 )
 
 

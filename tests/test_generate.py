@@ -164,3 +164,22 @@ def test_no_repeat_ngram_size_reaches_generate(tiny, monkeypatch):
 def test_decodings_stored_before_no_repeat_ngram_size_still_load():
     old = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200, "repetition_penalty": 1.0}
     assert Decoding.from_dict(old).no_repeat_ngram_size == 0
+
+
+def test_starter_policy_decodings_are_valid_and_the_real_starter_avoids_loops():
+    from rlhf.prepare import STARTER_POLICIES
+
+    decodings = {name: Decoding.from_dict(d) for policies in STARTER_POLICIES.values() for name, d in policies}
+    assert all(decodings[name].no_repeat_ngram_size > 0 for name, _ in STARTER_POLICIES["smollm2"])
+
+
+def test_story_bench_reads_candidate_decodings():
+    from bench.stories import parse_decodings
+
+    named = parse_decodings('[{"name": "calm", "temperature": 0.6}, {"no_repeat_ngram_size": 4}]', 128)
+    assert named == {"calm": Decoding(temperature=0.6, max_new_tokens=128),
+                     "decoding-1": Decoding(no_repeat_ngram_size=4, max_new_tokens=128)}
+    for bad, message in (("{}", "non-empty JSON list"), ("[]", "non-empty JSON list"),
+                         ('[{"top_k": 5}]', "Unknown decoding parameter"), ("[", "Expecting value")):
+        with pytest.raises(ValueError, match=message):
+            parse_decodings(bad, 128)
