@@ -17,8 +17,8 @@ import torch
 from rlhf.params import check_real, check_whole, given_params
 from rlhf.story_features import trim_unfinished
 
-# A length and a clear ending, asked for in words: without them SmolLM2 ran past 200 tokens
-# mid-story in most pool stories (bench/stories.py).
+# A length and a clear ending, asked for in words: without them most SmolLM2 pool stories ran
+# past their 200-token budget mid-sentence (issue 13); bench/stories.py measures the result.
 SYSTEM_PROMPT = (
     "You are a storyteller for young children. Write a short, simple story of about 100 words "
     "for the user's prompt, in plain words a five-year-old understands, and give it a clear ending."
