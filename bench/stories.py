@@ -30,7 +30,12 @@ from scipy import stats
 
 from rlhf.generate import Decoding, generate_stories
 from rlhf.metrics import story_metric_values, t_interval
-from rlhf.models import build_tiny_starter, load_causal_lm, prepare_starter, resolve_device
+from rlhf.models import (
+    build_tiny_starter,
+    load_causal_lm,
+    prepare_starter,
+    resolve_device,
+)
 from rlhf.prepare import STARTER_POLICIES
 from rlhf.prompts import SEED_PROMPTS
 from rlhf.settings import Settings
