@@ -14,6 +14,7 @@ Benches run here (BENCHES below):
   storage     bench/storage.py     vote writes and pair selection as the votes table grows
   voting      bench/voting.py      the voting path under concurrent annotators, against Gradio's floor
   generation  bench/generation.py  batched story generation against one prompt at a time
+  stories     bench/stories.py     the starter policies' shares of finished, looping and cut stories
   closed_loop bench/closed_loop.py votes -> reward -> RLOO/DPO/DPH: each child's win rate over its parent
   training_cost bench/training_cost.py seconds per training step and per 1k pairs, per kind
   teams       bench/teams.py       TeaMs-RL instructor against random operations at equal query budgets
@@ -69,6 +70,10 @@ def _generation_headline(report: dict) -> dict:
     return {"speedup_vs_batch_1": report["speedup_vs_batch_1"]}
 
 
+def _stories_headline(report: dict) -> dict:
+    return {name: {k: row[k]["share"] for k in ("ending", "loop", "truncated")} for name, row in report["policies"].items()}
+
+
 def _closed_loop_headline(report: dict) -> dict:
     return {m: {"win_rate": r["win_rate"], "ci95": r["ci95"]} for m, r in report["methods"].items()}
 
@@ -114,6 +119,7 @@ BENCHES = {
         ("--model", "tiny", "--device", "cpu"),
         _generation_headline,
     ),
+    "stories": Bench("bench.stories", ("--quick", "--json"), ("--json",), _stories_headline),
     "closed_loop": Bench("bench.closed_loop", ("--quick",), (), _closed_loop_headline),
     "training_cost": Bench("bench.training_cost", ("--quick",), (), _training_cost_headline),
     "teams": Bench("bench.teams", ("--quick",), (), _teams_headline),

@@ -15,10 +15,13 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from rlhf.params import check_real, check_whole, given_params
+from rlhf.story_features import trim_unfinished
 
+# A length and a clear ending, asked for in words: without them most SmolLM2 pool stories ran
+# past their 200-token budget mid-sentence (issue 13); bench/stories.py measures the result.
 SYSTEM_PROMPT = (
-    "You are a storyteller for young children. Write a short, simple story for the "
-    "user's prompt, in plain words a five-year-old understands."
+    "You are a storyteller for young children. Write a short, simple story of about 100 words "
+    "for the user's prompt, in plain words a five-year-old understands, and give it a clear ending."
 )
 
 
@@ -30,12 +33,14 @@ class Decoding:
     top_p: float = 0.95
     max_new_tokens: int = 200
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # 0: off; n: no token n-gram appears twice in a story
 
     def __post_init__(self) -> None:
         check_real("temperature", self.temperature, 0, 2)
         check_real("top_p", self.top_p, 0, 1)
         check_real("repetition_penalty", self.repetition_penalty, 1, 2, low_open=False)
         check_whole("max_new_tokens", self.max_new_tokens, 1, 1024)
+        check_whole("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 32)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Decoding:
@@ -47,9 +52,13 @@ class Decoding:
 
 @dataclass(frozen=True)
 class Story:
+    """One sampled story; `truncated` when it hit the token budget before end-of-sequence
+    (its trailing unfinished sentence is then trimmed from `text`)."""
+
     text: str
     tokens: int
     ms: float
+    truncated: bool
 
 
 def format_prompt(tokenizer, prompt: str) -> str:
@@ -109,6 +118,7 @@ def _generate_batch(model, tokenizer, texts: list[str], decoding: Decoding, eos_
         top_p=decoding.top_p,
         top_k=0,
         repetition_penalty=decoding.repetition_penalty,
+        no_repeat_ngram_size=decoding.no_repeat_ngram_size,
         max_new_tokens=max_new,
         eos_token_id=eos_ids or None,
         pad_token_id=tokenizer.pad_token_id,
@@ -117,8 +127,9 @@ def _generate_batch(model, tokenizer, texts: list[str], decoding: Decoding, eos_
     stories = []
     for row in out[:, prompt_len:]:
         n = _length_to_eos(row, eos_ids)
+        truncated = n == len(row)  # no end-of-sequence: the budget cut it
         text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-        stories.append(Story(text=text, tokens=n, ms=ms))
+        stories.append(Story(text=trim_unfinished(text) if truncated else text, tokens=n, ms=ms, truncated=truncated))
     return stories
 
 

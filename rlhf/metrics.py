@@ -54,6 +54,8 @@ STORY_METRICS: dict[str, Metric] = {
     "distinct_2": Metric("distinct-2", "distinct word pairs over all word pairs", True),
     "length": Metric("length (words)", "words in the story", None, 0),
     "ending": Metric("ending", "share of stories that end on a finished sentence", True),
+    "truncated": Metric("cut", "share of stories cut at the token budget (trimmed to their last "
+                        "finished sentence); unknown for stories stored before this was recorded", False),
     "readability": Metric("Flesch", "Flesch reading ease (stories of 20+ words)", True, 1),
 }
 POLICY_METRICS: dict[str, Metric] = {
@@ -71,8 +73,9 @@ def metric_info(key: str) -> Metric:
     return STORY_METRICS.get(key) or POLICY_METRICS[key]
 
 
-def story_metric_values(prompt: str, story: str) -> dict[str, float]:
-    """The automatic metrics of one story; a metric that does not apply is left out."""
+def story_metric_values(prompt: str, story: str, truncated: bool | None = None) -> dict[str, float]:
+    """The automatic metrics of one story; a metric that does not apply (or, like `truncated`,
+    is not known) is left out."""
     f = story_features(prompt, story)
     values = {
         "prompt_adherence": f.required_used,
@@ -84,6 +87,7 @@ def story_metric_values(prompt: str, story: str) -> dict[str, float]:
         "length": float(len(f.words)),
         "ending": float(f.ends),
         "readability": f.flesch,
+        "truncated": truncated,
     }
     return {k: float(v) for k, v in values.items() if v is not None}
 
@@ -95,7 +99,7 @@ def measure_new_stories(store: Store, model_id: int | None = None) -> int:
     batch and the Metrics tab before every refresh.
     """
     todo = metric_rows.stories_without_metrics(store.db, model_id)
-    metric_rows.save_story_metrics(store.db, {r["id"]: story_metric_values(r["prompt"], r["text"]) for r in todo})
+    metric_rows.save_story_metrics(store.db, {r["id"]: story_metric_values(r["prompt"], r["text"], r["truncated"]) for r in todo})
     return len(todo)
 
 

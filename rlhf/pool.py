@@ -70,7 +70,8 @@ def fill_pool(
             for pid, story in zip(wanted, stories):
                 completions.add_completion(
                     db, pid, policy.id, story.text[: settings.max_story_chars],
-                    gen_params, story.tokens, story.ms, unsuitable(story.text),
+                    gen_params, story.tokens, story.ms, blocked_reason=unsuitable(story.text),
+                    truncated=story.truncated,
                 )
             if after_batch is not None:
                 after_batch(policy.id)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -332,5 +333,5 @@ def best_of_k(model, tokenizer, prompts: Sequence[str], decoding: Decoding, k: i
     best = []
     for i in range(len(prompts)):
         winner = max(range(i * k, (i + 1) * k), key=lambda j: rewards[j])
-        best.append(Story(text=candidates[winner].text, tokens=candidates[winner].tokens, ms=ms))
+        best.append(replace(candidates[winner], ms=ms))
     return best

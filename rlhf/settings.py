@@ -73,7 +73,7 @@ class Settings:
     pair_prompt_sources: tuple[str, ...] | None = None  # prompt sources pairs are drawn from; None: all
     pair_prompt_collections: tuple[str, ...] | None = None  # prompt collections pairs are drawn from; None: all
     generation_batch_size: int = 8
-    max_new_tokens: int = 200
+    max_new_tokens: int = 256
     undo_window_s: float = 30.0
     max_name_chars: int = 40
     max_rationale_chars: int = 1000

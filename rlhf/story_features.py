@@ -11,6 +11,7 @@ from collections import Counter
 
 WORD = re.compile(r"[A-Za-z']+")
 ENDINGS = (".", "!", "?", '"', "\u201d")
+SENTENCE_END = re.compile(r'[.!?]["\u201d]*(?=\s|$)')
 
 
 def words(text: str) -> list[str]:
@@ -35,6 +36,18 @@ def repeated_ngram_share(text: str, n: int = 4) -> float:
 def has_ending(text: str) -> bool:
     """Whether the story ends on a finished sentence rather than being cut off."""
     return (text or "").rstrip().endswith(ENDINGS)
+
+
+def trim_unfinished(text: str) -> str:
+    """The text up to its last finished sentence, for a story the token budget cut mid-sentence.
+
+    A text with no finished sentence at all is kept whole: a fragment beats an empty story.
+    """
+    text = (text or "").rstrip()
+    if has_ending(text):
+        return text
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else text
 
 
 def length_fit(text: str, low: int, high: int) -> float:

@@ -12,13 +12,17 @@ from storage.codec import dumps
 def add_completion(
     db: Database, prompt_id: int, model_id: int, text: str,
     gen_params: dict | None = None, tokens: int | None = None, ms: float | None = None,
-    blocked_reason: str | None = None,
+    blocked_reason: str | None = None, truncated: bool | None = None,
 ) -> int:
     """Store a story and return its id; an existing story for the same (prompt, policy) is kept.
-    A `blocked_reason` (failed content check) keeps the story out of the arena."""
+
+    A `blocked_reason` (failed content check) keeps the story out of the arena. `truncated`:
+    whether generation hit the token budget (None when unknown, e.g. imported text).
+    """
     db["completions"].insert(
         {"prompt_id": prompt_id, "model_id": model_id, "text": text, "blocked_reason": blocked_reason,
-         "gen_params": dumps(gen_params), "tokens": tokens, "ms": ms, "created_at": time.time()},
+         "gen_params": dumps(gen_params), "tokens": tokens, "ms": ms,
+         "truncated": None if truncated is None else int(truncated), "created_at": time.time()},
         ignore=True,
     )
     row = db.execute(

@@ -15,9 +15,9 @@ from storage.codec import dumps, loads
 
 
 def stories_without_metrics(db: Database, model_id: int | None = None) -> list[dict]:
-    """Stories (id, prompt, text) with no metric value yet, optionally of one policy."""
+    """Stories (id, prompt, text, truncated) with no metric value yet, optionally of one policy."""
     sql = (
-        "SELECT c.id, p.text AS prompt, c.text FROM completions c JOIN prompts p ON p.id = c.prompt_id"
+        "SELECT c.id, p.text AS prompt, c.text, c.truncated FROM completions c JOIN prompts p ON p.id = c.prompt_id"
         " WHERE NOT EXISTS (SELECT 1 FROM story_metrics s WHERE s.completion_id = c.id)"
     )
     params: list = []

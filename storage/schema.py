@@ -304,3 +304,11 @@ def m013_job_results(db: Database) -> None:
     """jobs.result_model_ids: a JSON list, set in the transaction that registers a job's
     models (empty for kinds that make none); a re-run of a job that has it trains nothing."""
     db["jobs"].add_column("result_model_ids", str)
+
+
+@MIGRATIONS()
+def m011_completion_truncated(db: Database) -> None:
+    """completions.truncated: 1 when the story hit the token budget before end-of-sequence
+    (and was trimmed to its last finished sentence), 0 when the model ended it, NULL for
+    stories written before this was recorded. A plain ALTER TABLE column."""
+    db["completions"].add_column("truncated", int)

@@ -16,13 +16,14 @@ from tests.conftest import REPO_ROOT, clean_env
 
 def test_quick_run_prints_one_json_document_with_every_part():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--json", "--only", "first_start,storage,generation,closed_loop"],
+        [sys.executable, "-m", "bench.run", "--quick", "--json", "--only", "first_start,storage,generation,stories,closed_loop"],
         cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(done.stdout)
     assert document["quick"] is True and document["failed"] == {}
-    assert set(document["benches"]) == set(document["headlines"]) == {"first_start", "storage", "generation", "closed_loop"}
+    assert set(document["benches"]) == set(document["headlines"]) == {
+        "first_start", "storage", "generation", "stories", "closed_loop"}
 
     first_start = document["headlines"]["first_start"]
     assert first_start["starter"] == "tiny"
@@ -39,6 +40,17 @@ def test_quick_run_prints_one_json_document_with_every_part():
     generation = document["benches"]["generation"]
     assert generation["model"] == "tiny"
     assert set(generation["speedup_vs_batch_1"]) == {"1", "4"} and generation["speedup_vs_batch_1"]["1"] == 1.0
+
+    stories = document["benches"]["stories"]
+    assert stories["starter"] == "tiny" and stories["prompts"] == 8
+    assert set(stories["policies"]) == {"tiny-t0.7", "tiny-t1.0"}
+    for row in stories["policies"].values():
+        assert row["stories"] == 8 and row["tokens_per_s"] > 0
+        for share in ("ending", "loop", "truncated"):
+            low, high = row[share]["ci95"]
+            assert 0.0 <= low <= row[share]["share"] <= high <= 1.0
+        assert row["truncated"]["share"] > 0  # a random 2-layer model rarely stops within 32 tokens
+        assert 0 < row["mean_tokens"]["mean"] <= 32.0
 
     loop = document["benches"]["closed_loop"]
     assert loop["starter"] == "tiny" and loop["votes"]["votes"] > 0

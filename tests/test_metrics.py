@@ -156,6 +156,25 @@ def _child_policy(store, parent_name: str, name: str, story: str) -> int:
     return child.id
 
 
+def test_pool_stores_which_stories_were_cut_and_the_metrics_tab_shows_the_share(arena_dir):
+    from ui.metrics import table_html
+
+    settings, store = arena_dir
+    db = store.db
+    stored = list(db.query("SELECT model_id, tokens, truncated FROM completions"))
+    # The tiny starter rarely samples end-of-sequence: a story is cut exactly when it used the budget.
+    assert stored and all(r["truncated"] == int(r["tokens"] == settings.max_new_tokens) for r in stored)
+    assert any(r["truncated"] for r in stored)
+    child_id = _child_policy(store, "tiny-t0.7", "dpo-imported", "A fox found a kite")  # no flag stored
+    metrics.measure_new_stories(store)
+    rows = {r.model_id: r for r in metrics.policy_table(store)}
+    for model_id in {r["model_id"] for r in stored}:
+        share = np.mean([r["truncated"] for r in stored if r["model_id"] == model_id])
+        assert rows[model_id].metrics["truncated"].mean == pytest.approx(share)
+    assert "truncated" not in rows[child_id].metrics  # unknown is left out, not counted as "not cut"
+    assert f">{metrics.STORY_METRICS['truncated'].label}</th>" in table_html(list(rows.values()))
+
+
 def test_parent_comparison_and_tab_rendering(arena_dir):
     from ui.metrics import comparison_figure, table_html
 

@@ -172,6 +172,16 @@ def test_one_completion_per_prompt_and_policy(store):
     assert [c["model_name"] for c in completions.completions_for_prompt(db, 1)] == ["a", "b"]
 
 
+def test_completion_stores_whether_the_budget_cut_it(store):
+    db = store.db
+    m = _policy(db, "a")
+    prompts.add_prompts(db, ["p1", "p2", "p3"])
+    cut = completions.add_completion(db, 1, m.id, "A cat sat.", tokens=200, truncated=True)
+    ended = completions.add_completion(db, 2, m.id, "A dog ran.", tokens=40, truncated=False)
+    unknown = completions.add_completion(db, 3, m.id, "An owl hooted.")
+    assert [completions.get_completion(db, i)["truncated"] for i in (cut, ended, unknown)] == [1, 0, None]
+
+
 # --- votes ----------------------------------------------------------------------------------
 
 def test_record_vote_is_idempotent_per_client_key(store):

@@ -18,7 +18,8 @@ from storage.db import Store
 PLOT_COLUMNS = 4
 EXPLANATION = (
     "Means over each policy's stories with 95% t intervals (`mean [low, high]`). Automatic metrics are "
-    "computed as stories are written; *score by ...* are reward-model (or DPH-head) scores; *rated ...* are "
+    "computed as stories are written (*cut*: the share of stories that hit the token budget and lost "
+    "their unfinished last sentence); *score by ...* are reward-model (or DPH-head) scores; *rated ...* are "
     "the optional 1-5 ratings annotators give after a vote; perplexity is measured on the corpus set with "
     "`--metrics-corpus` (absent when none is set). Hover a heading for its definition."
 )
