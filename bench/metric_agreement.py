@@ -2,7 +2,7 @@
 
 1. HANNA (Chhun et al. 2022, ../shared/data): 96 human-written WritingPrompts stories, each
    with mean human ratings (1-5) on relevance, coherence, empathy, surprise, engagement and
-   complexity. For every metric of rlhf.metrics.STORY_METRICS and every criterion: Spearman's
+   complexity. For every metric of rlhf.story_metrics.STORY_METRICS and every criterion: Spearman's
    rho with a bootstrap 95% interval (stories resampled) and Kendall's tau. A metric that is
    constant on HANNA (no prompt there asks for words) has no correlation (null).
    With `--reward-model PATH` that reward model's scores are one more metric.
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from rlhf.metrics import STORY_METRICS, story_metric_values
+from rlhf.story_metrics import STORY_METRICS, story_metric_values
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"

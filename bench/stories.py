@@ -7,7 +7,7 @@
 Each decoding (by default the starter policies', with the pool's token budget filled in as the
 pool job does) writes one story for each of the first --prompts seed prompts, in batches as the
 pool job does, and every story is scored by the Metrics tab's own story metrics
-(rlhf.metrics.story_metric_values: `ending`, `loop`). Prints JSON per decoding: the shares of
+(rlhf.story_metrics.story_metric_values: `ending`, `loop`). Prints JSON per decoding: the shares of
 stories with a finished ending, with a loop and cut at the token budget (Wilson 95% intervals),
 the mean story tokens (t interval) and useful tokens per second. `--decodings` puts candidate
 settings side by side in one run, on the same prompts and seed: that is how the starter
@@ -29,7 +29,7 @@ import torch
 from scipy import stats
 
 from rlhf.generate import Decoding, generate_stories
-from rlhf.metrics import story_metric_values, t_interval
+from rlhf.metrics import t_interval
 from rlhf.models import (
     build_tiny_starter,
     load_causal_lm,
@@ -39,6 +39,7 @@ from rlhf.models import (
 from rlhf.prepare import STARTER_POLICIES
 from rlhf.prompts import SEED_PROMPTS
 from rlhf.settings import Settings
+from rlhf.story_metrics import story_metric_values
 
 QUICK_PROMPTS = 8
 QUICK_MAX_NEW_TOKENS = 32

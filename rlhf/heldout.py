@@ -6,7 +6,7 @@ trivial rules it has to beat.
 - `pairwise_report` gives the model's held-out pairwise accuracy with a 95% interval that
   is right at small counts (`rate_interval`), and the accuracy of the trivial baselines on
   the same pairs: "longer story wins" and each automatic story metric alone
-  (rlhf.metrics.STORY_METRICS). Its `verdict` says whether the model beats the best one.
+  (rlhf.story_metrics.STORY_METRICS). Its `verdict` says whether the model beats the best one.
 - `heldout_markdown` formats that report for the Jobs tab and the model card alike.
 """
 
@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from rlhf.metrics import CONFIDENCE, STORY_METRICS, story_metric_values
+from rlhf.story_metrics import STORY_METRICS, story_metric_values
 
 BOOTSTRAP_ROUNDS = 2000
+CONFIDENCE = 0.95
 # Verdicts of pairwise_report: the model's interval lies above the best baseline's
 # accuracy; only its point estimate does; not even that; no held-out pairs at all.
 INTERVAL_ABOVE, POINT_ABOVE, NOT_ABOVE, NO_DATA = "interval_above", "point_above", "not_above", "no_data"

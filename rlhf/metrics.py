@@ -3,7 +3,7 @@
 Three kinds of evidence per policy, each a mean with a 95% t interval over its stories:
 - automatic metrics of each story (STORY_METRICS), computed once per story when the pool
   job stores it, from the features the weak-supervision labeling functions read
-  (rlhf.weak.story_features: required words, repetition, loops, ending, Flesch);
+  (rlhf.story_metrics: required words, repetition, loops, ending, Flesch);
 - reward-model and DPH-head scores, already stored per story (storage.scores);
 - rubric ratings (1-5 on coherence, prompt adherence and engagement) that annotators may
   give the two stories of a pair right after voting on it.
@@ -22,8 +22,7 @@ from pathlib import Path
 from scipy import stats
 
 from rlhf.settings import Settings
-from rlhf.story_features import distinct_ngram_share
-from rlhf.weak import LOOP_MIN_REPEATS, story_features
+from rlhf.story_metrics import STORY_METRICS, Metric, story_metric_values
 from storage import completions, models, prompts, ratings
 from storage import metrics as metric_rows
 from storage.db import Store
@@ -36,28 +35,6 @@ RATING_PREFIX = "rating:"
 REWARD_PREFIX = "reward:"
 
 
-@dataclass(frozen=True)
-class Metric:
-    label: str
-    description: str
-    higher_is_better: bool | None
-    digits: int = 2
-
-
-STORY_METRICS: dict[str, Metric] = {
-    "prompt_adherence": Metric("required words", "share of the prompt's required words the story uses "
-                               "(only prompts that ask for words)", True),
-    "prompt_keywords": Metric("prompt keywords", "share of the prompt's content words the story uses", True),
-    "repetition": Metric("repeated 4-grams", "share of word 4-grams that occur more than once", False),
-    "loop": Metric("loops", f"share of stories with a sentence said {LOOP_MIN_REPEATS}+ times", False),
-    "distinct_1": Metric("distinct-1", "distinct words over all words", True),
-    "distinct_2": Metric("distinct-2", "distinct word pairs over all word pairs", True),
-    "length": Metric("length (words)", "words in the story", None, 0),
-    "ending": Metric("ending", "share of stories that end on a finished sentence", True),
-    "truncated": Metric("cut", "share of stories cut at the token budget (trimmed to their last "
-                        "finished sentence); unknown for stories stored before this was recorded", False),
-    "readability": Metric("Flesch", "Flesch reading ease (stories of 20+ words)", True, 1),
-}
 POLICY_METRICS: dict[str, Metric] = {
     PERPLEXITY: Metric("perplexity", "held-out perplexity on the configured story corpus", False, 1),
 }
@@ -71,25 +48,6 @@ def metric_info(key: str) -> Metric:
     if key.startswith(REWARD_PREFIX):
         return Metric(f"score by {key.removeprefix(REWARD_PREFIX)}", "reward-model score", True)
     return STORY_METRICS.get(key) or POLICY_METRICS[key]
-
-
-def story_metric_values(prompt: str, story: str, truncated: bool | None = None) -> dict[str, float]:
-    """The automatic metrics of one story; a metric that does not apply (or, like `truncated`,
-    is not known) is left out."""
-    f = story_features(prompt, story)
-    values = {
-        "prompt_adherence": f.required_used,
-        "prompt_keywords": f.keywords_used,
-        "repetition": f.repeated,
-        "loop": float(f.max_sentence_repeats >= LOOP_MIN_REPEATS),
-        "distinct_1": distinct_ngram_share(story, 1),
-        "distinct_2": distinct_ngram_share(story, 2),
-        "length": float(len(f.words)),
-        "ending": float(f.ends),
-        "readability": f.flesch,
-        "truncated": truncated,
-    }
-    return {k: float(v) for k, v in values.items() if v is not None}
 
 
 def measure_new_stories(store: Store, model_id: int | None = None) -> int:

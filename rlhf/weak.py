@@ -27,20 +27,20 @@ model epochs, overrides the preset), threshold (confidence a weak vote needs, in
 
 from __future__ import annotations
 
-import functools
 import math
-import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from rlhf.encoders import dictionary_words
 from rlhf.params import check_field, check_fields, given_params, param
-from rlhf.prompts import required_words, words_used
 from rlhf.runner import JobContext, JobResult, Kind
-from rlhf.story_features import has_ending, repeated_ngram_share, words
+from rlhf.story_metrics import (
+    LOOP_MIN_REPEATS,
+    READABILITY_MIN_WORDS,
+    StoryFeatures,
+    story_features,
+)
 from storage import votes, weak
 from storage.db import Store
 
@@ -50,96 +50,13 @@ PRESETS = {"quick": 500, "full": 2000}
 # Abstain thresholds: an LF votes only when the two stories differ at least this much.
 LENGTH_MIN_WORDS = 15        # the longer story has at least 15 more words...
 LENGTH_MIN_RATIO = 1.3       # ...and at least 1.3 times as many
-READABILITY_MIN_WORDS = 20   # Flesch is noise on shorter texts: abstain
 READABILITY_MIN_DIFF = 15.0  # Flesch points (one school grade is about 10)
 TTR_WINDOW = 40              # type-token ratio over the first 40 words of each (length-fair)
 TTR_MIN_DIFF = 0.1
 REPETITION_MIN_DIFF = 0.15   # share of repeated word 4-grams
-LOOP_MIN_REPEATS = 3         # one sentence three times or more is a generation loop
-KEYWORDS_MIN = 2             # prompts with fewer content words say too little to check
 KEYWORDS_MIN_DIFF = 0.25     # share of the prompt's content words the story uses
-SENTIMENT_SENTENCES = 3      # how the story ends: VADER on its last three sentences
 SENTIMENT_MIN_DIFF = 0.5     # compound scores run from -1 to 1
 REAL_WORDS_MIN_DIFF = 0.15   # share of words found in the CMU pronouncing dictionary
-
-# Words every story prompt uses to give the instruction rather than the topic.
-INSTRUCTION_WORDS = frozenset(
-    "write tell story stories short use words word make keep end ending sentence sentences "
-    "told mostly simple lesson person form little".split()
-)
-META_TALK = re.compile(
-    r"\b(?:as an ai|language model|here(?:'s| is) (?:a|your|the) (?:short )?story|i hope you (?:enjoy|like)"
-    r"|write a (?:short )?story|the end of the prompt)\b",
-    re.IGNORECASE,
-)
-SENTENCE = re.compile(r"[^.!?]+[.!?]*")
-
-
-@dataclass(frozen=True)
-class StoryFeatures:
-    """What the LFs read about one story for one prompt."""
-
-    words: tuple[str, ...]
-    flesch: float | None
-    repeated: float
-    max_sentence_repeats: int
-    ends: bool
-    end_sentiment: float
-    meta_talk: bool
-    real_words: float | None
-    required_used: float | None
-    keywords_used: float | None
-
-
-@functools.cache
-def _sentiment_analyzer():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
-
-
-def prompt_keywords(prompt: str) -> set[str]:
-    """The prompt's content words: no stop words (scikit-learn's English list), no words of
-    the instruction itself, none of the required words (their own LF checks those)."""
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-    required = required_words(prompt)
-    skip = ENGLISH_STOP_WORDS | INSTRUCTION_WORDS
-    return {w for w in words(prompt)
-            if len(w) > 2 and w not in skip and not any(w.startswith(r) for r in required)}
-
-
-def _uses(keyword: str, vocabulary: set[str]) -> bool:
-    """A keyword counts in any simple inflection: the story has a word it starts with."""
-    stem = keyword[: max(4, len(keyword) - 2)]
-    return keyword in vocabulary or any(w.startswith(stem) for w in vocabulary)
-
-
-@functools.lru_cache(maxsize=50_000)
-def story_features(prompt: str, story: str) -> StoryFeatures:
-    import textstat
-
-    tokens = tuple(words(story))
-    sentences = [s.strip().lower() for s in SENTENCE.findall(story or "") if s.strip()]
-    required = required_words(prompt)
-    keywords = prompt_keywords(prompt)
-    vocabulary = set(tokens)
-    dictionary = dictionary_words()
-    ending = " ".join(sentences[-SENTIMENT_SENTENCES:])
-    return StoryFeatures(
-        words=tokens,
-        flesch=textstat.flesch_reading_ease(story) if len(tokens) >= READABILITY_MIN_WORDS else None,
-        repeated=repeated_ngram_share(story),
-        max_sentence_repeats=max(Counter(sentences).values(), default=0),
-        ends=has_ending(story),
-        end_sentiment=_sentiment_analyzer().polarity_scores(ending)["compound"] if ending else 0.0,
-        meta_talk=bool(META_TALK.search(story or "")),
-        real_words=sum(w in dictionary for w in tokens) / len(tokens) if tokens else None,
-        required_used=words_used(prompt, story) if required else None,
-        keywords_used=(sum(_uses(k, vocabulary) for k in keywords) / len(keywords)
-                       if len(keywords) >= KEYWORDS_MIN else None),
-    )
-
 
 def _higher(a: float | None, b: float | None, min_diff: float) -> int:
     """The side with the higher value when they differ by at least min_diff, else abstain."""
