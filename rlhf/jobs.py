@@ -118,7 +118,8 @@ def execute(settings: Settings, job_id: int) -> dict | None:
         if job_rows.get_job(db, job_id)["status"] == "cancelling":
             job_rows.finish_job(db, job_id, "cancelled", error="cancelled by a researcher")
         else:  # a signal nobody asked for: the app stopping, or the launcher after another process failed
-            job_rows.finish_job(db, job_id, "interrupted", error="the job process was stopped before it finished (see its log)")
+            job_rows.finish_job(db, job_id, "interrupted",
+                                error="the job process was stopped before it finished (see its log)")
     except Exception as exc:
         traceback.print_exc()
         job_rows.finish_job(db, job_id, "failed", error=f"{type(exc).__name__}: {exc}")

@@ -96,8 +96,8 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()  # proxy addresses/networks whose X-Forwarded-For is believed
     metrics_corpus: Path | None = None  # stories (.txt or .jsonl) for each policy's held-out perplexity
     light_jobs: int = 1  # light jobs (publish, push, pool, prepare) run at once beside the one training job
-    train_processes: int = 1  # processes of one training job; more than 1 (or an accelerate config) uses accelerate launch
-    accelerate_config: Path | None = None  # `accelerate config` file for training jobs (multi-GPU, multi-node, DeepSpeed, FSDP)
+    train_processes: int = 1  # processes per training job; over 1 (or a config) launches through accelerate
+    accelerate_config: Path | None = None  # `accelerate config` file for training jobs (multi-GPU, DeepSpeed)
 
     @property
     def db_path(self) -> Path:

@@ -20,6 +20,7 @@ from storage import models
 from tests.test_dpo import add_votes
 from tests.test_jobs import _finished, _process_gone, worker_env  # noqa: F401 (worker_env: a fixture)
 from tests.test_reward import TINY_PARAMS, _vote_longer
+from ui.train import training_processes_text
 
 # Two job processes each import torch, transformers and TRL on a busy 2-core box.
 LAUNCH_TIMEOUT_S = 400
@@ -114,6 +115,21 @@ def test_dpo_job_in_two_processes_registers_once(two_process_worker):
     assert record.parent_id == base.id and record.metrics["steps"] == 2 and record.metrics["eval_pairs"] > 0
 
 
+def _training_reward_job(settings, store, worker) -> tuple[int, list[int]]:
+    """A 2-process reward job far longer than the test, once it trains: its id and processes."""
+    base, _ = _vote_longer(store, n=16)
+    job_id = job_rows.create_job(store.db, "reward", {"base": base, **TINY_PARAMS, "max_steps": 100_000})
+    worker.start()
+    training = wait_for(
+        lambda: (j := job_rows.get_job(store.db, job_id))["status"] == "running" and "step" in (j["message"] or "")
+        and j,
+        LAUNCH_TIMEOUT_S, what="the 2-process job's first step",
+        on_timeout=lambda: log_path(settings, job_id).read_text(errors="replace")[-4000:])
+    processes = _job_processes(training["pid"])
+    assert len(processes) >= 1 + PROCESSES  # the launcher and both ranks
+    return job_id, processes
+
+
 def _job_processes(pid: int) -> list[int]:
     """The launcher and every process below it (torch starts each rank in a session of its own)."""
     try:
@@ -125,19 +141,30 @@ def _job_processes(pid: int) -> list[int]:
 
 def test_cancel_stops_every_process_of_a_two_process_job(two_process_worker):
     settings, store, worker = two_process_worker
-    base, _ = _vote_longer(store, n=16)
-    job_id = job_rows.create_job(store.db, "reward", {"base": base, **TINY_PARAMS, "max_steps": 100_000})
-    worker.start()
-    training = wait_for(
-        lambda: (j := job_rows.get_job(store.db, job_id))["status"] == "running" and "step" in (j["message"] or "") and j,
-        LAUNCH_TIMEOUT_S, what="the 2-process job's first step",
-        on_timeout=lambda: log_path(settings, job_id).read_text(errors="replace")[-4000:])
-    processes = _job_processes(training["pid"])
-    ranks = [p for p in processes if b"rlhf.jobs" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(ranks) >= 1 + PROCESSES  # the launcher and both ranks
-
+    job_id, processes = _training_reward_job(settings, store, worker)
     assert job_rows.request_cancel(store.db, job_id) == "cancelling"
     job = wait_for(lambda: _finished(store.db, job_id), 60, what="the cancel to land")
     assert job["status"] == "cancelled" and "cancel" in job["error"]
     wait_for(lambda: all(_process_gone(p) for p in processes), 30, what="every process of the job to exit")
     assert not [m for m in models.list_models(store.db) if m.job_id == job_id]
+
+
+def test_the_train_tab_tells_researchers_how_training_is_launched(tmp_path):
+    plain = _settings(data_dir=tmp_path)
+    assert "in one process" in training_processes_text(plain)
+    assert "in 2 processes through accelerate launch (" in training_processes_text(
+        dataclasses.replace(plain, train_processes=2))
+    config = tmp_path / "<b>.yaml"
+    text = training_processes_text(dataclasses.replace(plain, accelerate_config=config))
+    assert "the config's processes through accelerate launch, config &lt;b&gt;.yaml" in text
+    assert str(tmp_path) not in text  # the file's name, not where it lives on the server
+
+
+def test_recover_after_an_app_crash_kills_every_process_of_a_two_process_job(two_process_worker):
+    """A new app's recover() finds the job still running and kills the launcher and both ranks,
+    though torch started each rank in a session of its own (a SIGKILL of the group would miss them)."""
+    settings, store, worker = two_process_worker
+    job_id, processes = _training_reward_job(settings, store, worker)
+    assert JobWorker(settings).recover() == [job_id]
+    wait_for(lambda: all(_process_gone(p) for p in processes), 30, what="every process of the job to die")
+    assert job_rows.get_job(store.db, job_id)["status"] == "interrupted"
