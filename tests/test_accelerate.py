@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from bench.app_server import wait_for
+from rlhf import jobs
 from rlhf.jobs import JobWorker, job_command, log_path
 from rlhf.settings import add_arguments, from_args
 from storage import jobs as job_rows
@@ -160,11 +162,31 @@ def test_the_train_tab_tells_researchers_how_training_is_launched(tmp_path):
     assert str(tmp_path) not in text  # the file's name, not where it lives on the server
 
 
-def test_recover_after_an_app_crash_kills_every_process_of_a_two_process_job(two_process_worker):
-    """A new app's recover() finds the job still running and kills the launcher and both ranks,
-    though torch started each rank in a session of its own (a SIGKILL of the group would miss them)."""
+def test_recover_after_an_app_crash_kills_every_process_of_a_two_process_job(two_process_worker, tmp_path,
+                                                                            monkeypatch):
+    """A new app's recover() finds the job still running and kills the launcher and both ranks.
+    Torch starts each rank in a session of its own, so killing the launcher's group alone would
+    leave them running: here the ranks only sleep (no collective to fail when the launcher dies)."""
     settings, store, worker = two_process_worker
-    job_id, processes = _training_reward_job(settings, store, worker)
-    assert JobWorker(settings).recover() == [job_id]
-    wait_for(lambda: all(_process_gone(p) for p in processes), 30, what="every process of the job to die")
+    sleeper = tmp_path / "sleeping_rank.py"
+    sleeper.write_text("import time\nfrom accelerate import PartialState\n\n"
+                       "PartialState(cpu=True)\ntime.sleep(600)\n")
+    real_popen = subprocess.Popen
+
+    def popen(command, **kwargs):
+        if "accelerate.commands.launch" in command:
+            at = command.index("rlhf.jobs")
+            command = [*command[:at - 1], str(sleeper), *command[at:]]  # its args name the job, as recover checks
+        return real_popen(command, **kwargs)
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", popen)
+    job_id = job_rows.create_job(store.db, "reward", {})
+    worker.start()
+    running = wait_for(lambda: (j := job_rows.get_job(store.db, job_id))["pid"] and j, 60, what="the launcher")
+    processes = wait_for(lambda: len(found := _job_processes(running["pid"])) >= 1 + PROCESSES and found, 120,
+                         what="both ranks")
+    assert not any(_process_gone(p) for p in processes)
+
+    assert JobWorker(settings).recover() == [job_id]  # what a restarted app does first
+    wait_for(lambda: all(_process_gone(p) for p in processes), 5, what="every process of the job to die")
     assert job_rows.get_job(store.db, job_id)["status"] == "interrupted"
