@@ -16,6 +16,7 @@ import pytest
 from bench.app_server import wait_for
 from rlhf import jobs
 from rlhf.jobs import JobWorker, job_command, log_path
+from rlhf.progress import JobCancelled, JobProgress
 from rlhf.settings import add_arguments, from_args
 from storage import jobs as job_rows
 from storage import models
@@ -190,3 +191,32 @@ def test_recover_after_an_app_crash_kills_every_process_of_a_two_process_job(two
     assert JobWorker(settings).recover() == [job_id]  # what a restarted app does first
     wait_for(lambda: all(_process_gone(p) for p in processes), 5, what="every process of the job to die")
     assert job_rows.get_job(store.db, job_id)["status"] == "interrupted"
+
+
+def test_other_processes_of_a_job_write_no_progress(arena_dir):
+    settings, store = arena_dir
+    job_id = job_rows.create_job(store.db, "reward", {})
+    job_rows.claim_next_job(store.db)
+    other = JobProgress(settings, job_id, main_process=False)
+    other(0.5, "step 1/2")
+    other.log_metrics(1, {"loss": 0.5})
+    assert (job_rows.get_job(store.db, job_id)["progress"], other.metrics_path.exists()) == (0.0, False)
+    main = JobProgress(settings, job_id)
+    main(0.5, "step 1/2")
+    main.log_metrics(1, {"loss": 0.5})
+    assert (job_rows.get_job(store.db, job_id)["progress"], main.metrics_path.exists()) == (0.5, True)
+
+
+def test_a_signal_nobody_asked_for_leaves_the_job_interrupted_not_cancelled(arena_dir, monkeypatch):
+    """The launcher stops the main process when another process failed (or the app stops):
+    not a researcher's cancel."""
+    settings, store = arena_dir
+
+    def stopped(settings, params, progress):
+        raise JobCancelled()
+
+    monkeypatch.setitem(jobs.BUILTIN_KINDS, "stopped", stopped)
+    job_id = job_rows.create_job(store.db, "stopped", {})
+    job_rows.claim_next_job(store.db)
+    job = jobs.execute(settings, job_id)
+    assert job["status"] == "interrupted" and "stopped before it finished" in job["error"]
