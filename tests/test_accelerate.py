@@ -84,8 +84,10 @@ def two_process_worker(arena_dir, worker_env):  # noqa: F811 (worker_env is the 
 def _check_registered_once(settings, store, job_id: int, kind: str) -> models.ModelRecord:
     job = wait_for(lambda: _finished(store.db, job_id), LAUNCH_TIMEOUT_S, what=f"the 2-process {kind} job",
                    on_timeout=lambda: log_path(settings, job_id).read_text(errors="replace")[-4000:])
+    wait_for(lambda: _process_gone(job["pid"]), 60, what="the launcher to exit")
     log = log_path(settings, job_id).read_text(errors="replace")
     assert job["status"] == "succeeded", f"{job['error']}\n{log[-4000:]}"
+    assert "Traceback" not in log, log[-4000:]  # every process ended cleanly (a failed rank leaves one)
     made = [m for m in models.list_models(store.db) if m.job_id == job_id]
     assert [m.id for m in made] == [job["result_model_id"]] and made[0].kind == kind
     assert job_rows.recorded_results(store.db, job_id) == [made[0].id]
