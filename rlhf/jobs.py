@@ -10,6 +10,7 @@ Run one job by hand: `python -m rlhf.jobs run JOB_ID --data-dir DIR`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.progress import JobCancelled, JobProgress, is_main_process
+from rlhf.progress import JobCancelled, JobProgress, is_main_process, join_job_processes
 from rlhf.runner import KIND_MODULES, is_training_kind
 from rlhf.settings import Settings, add_arguments, from_args, job_environment, job_settings
 from storage import jobs as job_rows
@@ -95,18 +96,30 @@ def log_path(settings: Settings, job_id: int) -> Path:
     return settings.jobs_dir / f"job-{job_id}.log"
 
 
-def execute(settings: Settings, job_id: int) -> dict:
-    """Run a claimed (status running) job in this process and record how it ended."""
+def execute(settings: Settings, job_id: int) -> dict | None:
+    """Run a claimed (status running) job in this process and record how it ended.
+
+    In a multi-process (accelerate) training job every process trains, but only the main
+    one writes the job row; the others return None, and an error in one of them ends it
+    with its traceback in the log (the launcher then stops the rest).
+    """
     store = settings.store()
     db = store.db
     job = job_rows.get_job(db, job_id)
+    if is_training_kind(job["kind"]):
+        join_job_processes(settings)
+        if not is_main_process():
+            job_function(job["kind"])(settings, job["params"], JobProgress(settings, job_id, main_process=False))
+            return None
     progress = JobProgress(settings, job_id)
     try:
         result = job_function(job["kind"])(settings, job["params"], progress)
-        if is_training_kind(job["kind"]) and not is_main_process():
-            return job  # the main process records how the job ended
     except JobCancelled:
-        job_rows.finish_job(db, job_id, "cancelled", error="cancelled by a researcher")
+        if job_rows.get_job(db, job_id)["status"] == "cancelling":
+            job_rows.finish_job(db, job_id, "cancelled", error="cancelled by a researcher")
+        else:  # a signal nobody asked for: the app stopping, or the launcher after another process failed
+            job_rows.finish_job(db, job_id, "interrupted",
+                                error="the job process was stopped before it finished (see its log)")
     except Exception as exc:
         traceback.print_exc()
         job_rows.finish_job(db, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -128,6 +141,24 @@ def run_inline(settings: Settings, kind: str, params: dict, created_by: int | No
     return execute(settings, job_id)
 
 
+def _signal_job_processes(pid: int, signum: int) -> None:
+    """Signal a job's process group and every process below it: a job process starts in its
+    own session, but `accelerate launch` (torch's elastic agent) starts each rank in yet
+    another one, so the group alone would leave the ranks running after a SIGKILL."""
+    import psutil
+
+    try:
+        launcher = psutil.Process(pid)
+        processes = [launcher, *launcher.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        processes = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signum)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
 def _is_job_process(pid: int | None) -> bool:
     if not pid:
         return False
@@ -147,6 +178,26 @@ HEAVY_KINDS = frozenset(KIND_MODULES)  # every training kind; known without impo
 def job_lane(kind: str) -> str:
     """The lane a job of this kind runs in; kinds not declared heavy (even unknown ones) are light."""
     return HEAVY if kind in HEAVY_KINDS else LIGHT
+
+
+def job_command(settings: Settings, job: dict) -> list[str]:
+    """The command line of a job's process: `python -m rlhf.jobs run ID`, or for a training
+    job with settings.train_processes > 1 or an accelerate config, that module under
+    `accelerate launch`. Without a config, --multi_gpu is what starts N processes (on a
+    machine without GPUs they train on the CPU and talk over gloo); a config file says
+    everything itself (multi-node, DeepSpeed, FSDP), its num_processes unless
+    --train-processes is given."""
+    run = ["-m", "rlhf.jobs", "run", str(job["id"])]
+    if job_lane(job["kind"]) == LIGHT or (settings.train_processes == 1 and settings.accelerate_config is None):
+        return [sys.executable, *run]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if settings.accelerate_config is not None:
+        launch += ["--config_file", str(settings.accelerate_config)]
+    else:
+        launch += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if settings.train_processes > 1:
+        launch += ["--num_processes", str(settings.train_processes)]
+    return [*launch, *run]
 
 
 @dataclass
@@ -188,7 +239,7 @@ class JobWorker:
         interrupted = []
         for job in job_rows.running_jobs(db):
             if _is_job_process(job["pid"]):
-                os.kill(job["pid"], signal.SIGKILL)
+                _signal_job_processes(job["pid"], signal.SIGKILL)
             job_rows.finish_job(db, job["id"], "interrupted", error="the app stopped while this job ran")
             interrupted.append(job["id"])
         return interrupted
@@ -197,16 +248,19 @@ class JobWorker:
         return job_rows.claim_next_job(db, HEAVY_KINDS, other_kinds=lane == LIGHT)
 
     def _spawn(self, job: dict) -> RunningJob | None:
+        """Start the job's process in a session of its own (so a cancel can signal all it
+        started, and a signal to the app does not reach it); every process of a multi-process
+        job appends to the one log."""
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         path = log_path(self.settings, job["id"])
-        command = [sys.executable, "-m", "rlhf.jobs", "run", str(job["id"])]
+        command = job_command(self.settings, job)
         environment = {**os.environ, **job_environment(self.settings)}
         db = Store(self.settings.db_path).db
         try:
             with path.open("ab") as log:
                 proc = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
-                    env=environment,
+                    env=environment, start_new_session=True,
                 )
         except OSError as exc:
             job_rows.finish_job(db, job["id"], "failed", error=f"could not start the job process: {exc}")
@@ -222,10 +276,10 @@ class JobWorker:
             if job["status"] == "cancelling":
                 now = time.time()
                 if running.term_sent_at is None:
-                    running.proc.terminate()
+                    _signal_job_processes(running.proc.pid, signal.SIGTERM)
                     running.term_sent_at = now
                 elif now - running.term_sent_at > CANCEL_GRACE_S:
-                    running.proc.kill()
+                    _signal_job_processes(running.proc.pid, signal.SIGKILL)
             return False
         if job["status"] in job_rows.ACTIVE:
             if job["status"] == "cancelling":
@@ -254,7 +308,7 @@ class JobWorker:
         for running in self._running.values():
             for job in running:
                 if job.proc.poll() is None:
-                    job.proc.terminate()
+                    _signal_job_processes(job.proc.pid, signal.SIGTERM)
 
 
 def _raise_cancelled(signum, frame) -> None:
@@ -270,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = job_settings(os.environ) or from_args(args, os.environ)
     signal.signal(signal.SIGTERM, _raise_cancelled)
     job = execute(settings, args.job_id)
-    return 0 if job["status"] == "succeeded" else 1
+    return 0 if job is None or job["status"] == "succeeded" else 1
 
 
 if __name__ == "__main__":

@@ -84,10 +84,19 @@ class JobContext:
 
     def save_model(self, write: Callable[[Path], None], folder: str = MODEL_FOLDER) -> Path:
         """Write the job's model folder atomically: write(tmp) fills a temp folder that is
-        renamed into place, so a kill never leaves a half-written model."""
+        renamed into place, so a kill never leaves a half-written model. In a multi-process
+        job the main process writes it (data-parallel ranks hold the same weights) while the
+        others wait, so no two processes rename the same folder."""
+        from accelerate import PartialState
+
         from rlhf.models import save_atomically
 
-        return save_atomically(self.output_dir / folder, write)
+        state = PartialState()
+        target = self.output_dir / folder
+        if state.is_main_process:
+            save_atomically(target, write)
+        state.wait_for_everyone()
+        return target
 
     def register_now(self, spec: ModelSpec) -> ModelRecord | None:
         """Register a model while the job still runs (pretrain's arena checkpoints): once

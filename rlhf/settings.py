@@ -33,6 +33,8 @@ ENV_VARS = {
     "hub_publish_minutes": "STORY_ARENA_HUB_PUBLISH_MINUTES",
     "light_jobs": "STORY_ARENA_LIGHT_JOBS",
     "trusted_proxies": "STORY_ARENA_TRUSTED_PROXIES",
+    "train_processes": "STORY_ARENA_TRAIN_PROCESSES",
+    "accelerate_config": "STORY_ARENA_ACCELERATE_CONFIG",
 }
 # Set by Hugging Face on a Space with `hf_oauth: true` (plus SYSTEM=spaces on every Space);
 # without them there is no Hub login: off a Space Gradio would mock it with a Hub call.
@@ -94,6 +96,8 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()  # proxy addresses/networks whose X-Forwarded-For is believed
     metrics_corpus: Path | None = None  # stories (.txt or .jsonl) for each policy's held-out perplexity
     light_jobs: int = 1  # light jobs (publish, push, pool, prepare) run at once beside the one training job
+    train_processes: int = 1  # processes per training job; over 1 (or a config) launches through accelerate
+    accelerate_config: Path | None = None  # `accelerate config` file for training jobs (multi-GPU, DeepSpeed)
 
     @property
     def db_path(self) -> Path:
@@ -168,6 +172,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--light-jobs", type=int, help=(
         "light jobs (publish, push, story pools, prepare) run at once beside the one training job "
         f"(env {ENV_VARS['light_jobs']}; default 1)"))
+    parser.add_argument("--train-processes", type=int, help=(
+        "processes each training job runs in, started by `accelerate launch` when more than 1 "
+        f"(one per GPU; on CPU they talk over gloo) (env {ENV_VARS['train_processes']}; default 1)"))
+    parser.add_argument("--accelerate-config", type=Path, help=(
+        "an `accelerate config` file training jobs are launched with (multi-GPU, multi-node, DeepSpeed, FSDP); "
+        f"its num_processes holds unless --train-processes is given (env {ENV_VARS['accelerate_config']})"))
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -198,6 +208,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         raise ValueError("--light-jobs must be an integer.") from None
     if light_jobs < 1:
         raise ValueError("--light-jobs must be at least 1.")
+    train_processes, accelerate_config = _training_launch(pick)
     metrics_corpus = pick("metrics_corpus")
     if metrics_corpus is not None and not Path(metrics_corpus).expanduser().is_file():
         raise ValueError(f"--metrics-corpus {metrics_corpus} is not a file.")
@@ -221,7 +232,33 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         **_quality_settings(pick),
         metrics_corpus=Path(metrics_corpus).expanduser().resolve() if metrics_corpus else None,
         light_jobs=light_jobs,
+        train_processes=train_processes,
+        accelerate_config=accelerate_config,
     )
+
+
+def _training_launch(pick) -> tuple[int, Path | None]:
+    """--train-processes and --accelerate-config, checked."""
+    try:
+        train_processes = int(pick("train_processes", 1))
+    except ValueError:
+        raise ValueError("--train-processes must be an integer.") from None
+    if not 1 <= train_processes <= 1024:
+        raise ValueError(f"--train-processes must be between 1 and 1024, got {train_processes}.")
+    config = pick("accelerate_config")
+    if config is None or str(config) == "":
+        return train_processes, None
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--accelerate-config {config} is not a file.")
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        load_config_from_file(str(path))
+    except Exception as exc:  # YAML/JSON syntax or accelerate's own field checks
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--accelerate-config {config} is not an accelerate config: {first_line}") from None
+    return train_processes, path.resolve()
 
 
 def _prompt_sources(text: str | None) -> tuple[str, ...] | None:

@@ -145,9 +145,22 @@ def curve_svg(name: str, points: list[tuple[int, float]]) -> str:
             f'<polyline points="{line}" fill="none" stroke="currentColor" stroke-width="1.5"/></svg>')
 
 
+def training_processes_text(settings: Settings) -> str:
+    """How training jobs are launched: app settings, shown to researchers read-only."""
+    if settings.accelerate_config is None and settings.train_processes == 1:
+        how = "one process"
+    else:
+        processes = (f"{settings.train_processes} processes" if settings.train_processes > 1
+                     else "the config's processes")
+        config = f", config {html.escape(settings.accelerate_config.name)}" if settings.accelerate_config else ""
+        how = f"{processes} through accelerate launch{config}"
+    return f"Training jobs run in {how} (app settings --train-processes and --accelerate-config)."
+
+
 def build_train_tab(settings: Settings, store: Store, session: gr.State):
     gr.Markdown("Researchers only. Jobs run one at a time in the background; the result enters the arena by itself.")
     with gr.Group(visible=False) as tools:
+        gr.Markdown(training_processes_text(settings))
         kind = gr.Dropdown(label="Kind", choices=kind_names(), value="reward")
         kind_text = gr.Markdown(kind_help("reward"))
         # Choices are refreshed on page load; a custom value lets API clients and pages opened
