@@ -29,9 +29,17 @@ The `dph` training kind (rlhf.runner: `run(ctx) -> JobResult`):
   (default) the same folder is also registered as a reward model (backbone "dph" in
   reward_model.json, parent: the DPH policy): the head scores the story pool, predicts
   live votes and can be RLOO's reward model.
-- metrics: train/eval_accuracy, the share of (held-out) pairs whose chosen story the head
-  scores higher. Held-out votes beyond max_eval_pairs and training votes beyond
-  max_train_pairs are left out.
+- data: decided votes of the chosen `sources` (human, imported data sets, or both), held
+  out by prompt. Without an explicit max_steps the preset's steps are sized by the data:
+  at least one pass over the training pairs, at most STEP_CAPS.
+- metrics: train_accuracy, the share of training pairs whose chosen story the head scores
+  higher; `heldout`, rlhf.heldout.pairwise_report of head(chosen) - head(rejected) on the
+  held-out pairs (accuracy, 95% interval, trivial baselines); `epochs`, the passes made.
+  Held-out votes beyond max_eval_pairs and training votes beyond max_train_pairs are left out.
+- pool: with register_reward and score_pool the head also scores the existing pool. Off by
+  default, as for the reward kind (rlhf.reward: new stories are scored as they are written,
+  the held-out report measures the head): a pool story costs one more LM forward, and the
+  pool is larger than the votes' stories.
 - cost: quick (head mode) is one forward pass per distinct story among the votes and the
   pool (features and pool scores share it), then seconds of head training; the LM-training
   modes cost a forward and backward pass per pair and step on top (figures: README, and
@@ -53,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf.heldout import pairwise_report
 from rlhf.models import resolve_device
 from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.progress import JobProgress
@@ -70,6 +79,14 @@ from rlhf.scoring import (
     score_new_completions,
 )
 from rlhf.settings import Settings
+from rlhf.training import (
+    dataset_names,
+    datasets_param,
+    epochs_made,
+    job_preference_data,
+    sources_param,
+    steps_for_data,
+)
 from storage import models, scores
 from storage.models import ModelRecord
 
@@ -86,9 +103,9 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
         "head": {"max_steps": 200, "learning_rate": 1e-3, "batch_size": 16, "max_length": 256,
                  "max_train_pairs": 256, "max_eval_pairs": 64},
         "lora": {"max_steps": 6, "learning_rate": 1e-3, "batch_size": 4, "max_length": 256,
-                 "max_train_pairs": 256, "max_eval_pairs": 32},
+                 "max_train_pairs": 128, "max_eval_pairs": 32},
         "full": {"max_steps": 6, "learning_rate": 1e-3, "batch_size": 4, "max_length": 256,
-                 "max_train_pairs": 256, "max_eval_pairs": 32},
+                 "max_train_pairs": 128, "max_eval_pairs": 32},
     },
     "full": {
         "head": {"max_steps": 2000, "learning_rate": 5e-4, "batch_size": 32, "max_length": 512,
@@ -99,6 +116,9 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
                  "max_train_pairs": 100_000, "max_eval_pairs": 1000},
     },
 }
+# The most steps a preset's data-sized budget may take, per mode (quick lora/full: tens of
+# CPU-seconds a step, so one pass over their 128 pairs).
+STEP_CAPS = {"quick": {"head": 400, "lora": 32, "full": 32}, "full": {"head": 20_000, "lora": 5000, "full": 5000}}
 
 
 @dataclass(frozen=True)
@@ -137,7 +157,11 @@ class DPHParams:
     eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.5)
     min_pairs: int = param(8, "decided votes needed to train", low=2, high=10_000_000)
     min_annotators: int = param(1, "only story pairs judged by at least this many people", low=1, high=1000)
-    register_reward: bool = param(True, "also register the head as a reward model (scores the pool, predicts votes)")
+    register_reward: bool = param(True, "also register the head as a reward model (predicts votes)")
+    score_pool: bool = param(False, "with register_reward: the head also scores the existing story pool (live "
+                             "predictions for votes on older stories)")
+    sources: str = sources_param()
+    datasets: str | None = datasets_param()
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
@@ -155,8 +179,15 @@ class DPHParams:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        dataset_names(self.sources, self.datasets)
         if self.w_dpo and self.mode == "head":
             raise ValueError("w_dpo trains the LM with DPO: choose mode lora or full (mode head keeps the LM frozen).")
+
+    def steps_for(self, train_pairs: int) -> int:
+        """An explicit max_steps as is; else the preset's, sized by the data (steps_for_data)."""
+        if "max_steps" in self.explicit:
+            return self.max_steps
+        return steps_for_data(self.max_steps, STEP_CAPS[self.preset][self.mode], train_pairs, self.batch_size)
 
 
 # --- the head and the wrapped model ---------------------------------------------------------
@@ -320,13 +351,14 @@ def _run_trainer(settings: Settings, p: DPHParams, objective: DPHObjective, data
 
     from rlhf.training import ProgressCallback, trainer_device_args
 
+    max_steps = p.steps_for(len(dataset))
     groups = [{"params": list(objective.head.parameters()), "lr": p.learning_rate}]
     if lm_params:
         groups.append({"params": lm_params, "lr": lm_rate})
     args = TrainingArguments(
         output_dir=str(output_dir),
-        **{**trainer_device_args(settings), "save_strategy": "no", "logging_steps": max(1, p.max_steps // 50)},
-        max_steps=p.max_steps,
+        **{**trainer_device_args(settings), "save_strategy": "no", "logging_steps": max(1, max_steps // 50)},
+        max_steps=max_steps,
         per_device_train_batch_size=p.batch_size,
         learning_rate=p.learning_rate,
         lr_scheduler_type="linear",
@@ -388,7 +420,7 @@ def fit_head(settings: Settings, p: DPHParams, lm, tokenizer, train_records: lis
         chosen = features(prompts, [r["chosen"] for r in train_records])
         rejected = features(prompts, [r["rejected"] for r in train_records])
         dataset = [{"chosen": c, "rejected": r} for c, r in zip(chosen, rejected)]
-        progress(0.5, f"training the head on {len(dataset)} pairs, {p.max_steps} steps")
+        progress(0.5, f"training the head on {len(dataset)} pairs, {p.steps_for(len(dataset))} steps")
         metrics.update(_run_trainer(settings, p, DPHObjective(head, p), dataset, feature_collator, [], None,
                                     output_dir, progress, 0.5, 0.3, callbacks))
     else:
@@ -408,7 +440,8 @@ def fit_head(settings: Settings, p: DPHParams, lm, tokenizer, train_records: lis
             disable_dropout_in_model(reference)
         objective = DPHObjective(head, p, DirectPreferenceHeadModel(lm, head), reference)
         lm_params = [q for q in lm.parameters() if q.requires_grad]
-        progress(0.02, f"training the head and the LM ({p.mode}) on {len(train_records)} pairs, {p.max_steps} steps")
+        progress(0.02, f"training the head and the LM ({p.mode}) on {len(train_records)} pairs, "
+                       f"{p.steps_for(len(train_records))} steps")
         metrics.update(_run_trainer(
             settings, p, objective, token_pairs(tokenizer, train_records, max_length),
             token_collator(tokenizer.pad_token_id), lm_params, lm_rate, output_dir, progress, 0.02, 0.78, callbacks))
@@ -420,16 +453,22 @@ def fit_head(settings: Settings, p: DPHParams, lm, tokenizer, train_records: lis
     return FittedHead(lm=lm, head=head.to(device).eval(), features=features, metrics=metrics)
 
 
-def head_accuracy(head: PreferenceHead, features: HeadFeatures, records: list[dict]) -> float | None:
-    """Share of preference records whose chosen story the head scores higher."""
+def head_margins(head: PreferenceHead, features: HeadFeatures, records: list[dict]) -> list[float]:
+    """head(chosen) - head(rejected) per preference record."""
     if not records:
-        return None
+        return []
     prompts = [r["prompt"] for r in records]
     device = head.score.weight.device
     with torch.inference_mode():
         chosen = head(features(prompts, [r["chosen"] for r in records]).to(device))
         rejected = head(features(prompts, [r["rejected"] for r in records]).to(device))
-    return float((chosen > rejected).float().mean())
+    return (chosen - rejected).tolist()
+
+
+def head_accuracy(head: PreferenceHead, features: HeadFeatures, records: list[dict]) -> float | None:
+    """Share of preference records whose chosen story the head scores higher."""
+    margins = head_margins(head, features, records)
+    return sum(m > 0 for m in margins) / len(margins) if margins else None
 
 
 def _score_pool(store, reward: ModelRecord, head: PreferenceHead, features: HeadFeatures,
@@ -447,15 +486,13 @@ def _score_pool(store, reward: ModelRecord, head: PreferenceHead, features: Head
 
 
 def run(ctx: JobContext) -> JobResult:
-    """Train a preference head (and optionally the LM) on the human votes: the best-of-k
+    """Train a preference head (and optionally the LM) on the chosen votes: the best-of-k
     DPH policy and, with register_reward, the head as a reward model."""
-    from rlhf.training import chosen_model, load_trainable_lm, preference_data
+    from rlhf.training import chosen_model, load_trainable_lm
 
     p, store, settings, progress, output_dir = ctx.params, ctx.store, ctx.settings, ctx.progress, ctx.output_dir
     base = chosen_model(store, p.base, "base policy")
-    train_records, eval_records, snapshot = preference_data(
-        store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
-    )
+    train_records, eval_records, snapshot = job_preference_data(store, p)
     train_records, eval_records = train_records[: p.max_train_pairs], eval_records[: p.max_eval_pairs]
 
     progress(0.0, f"loading {base.name}")
@@ -475,7 +512,7 @@ def run(ctx: JobContext) -> JobResult:
 
     progress(0.8, f"evaluating on {len(eval_records)} held-out pairs")
     train_accuracy = head_accuracy(head, fitted.features, train_records)
-    eval_accuracy = head_accuracy(head, fitted.features, eval_records)
+    heldout = pairwise_report(eval_records, head_margins(head, fitted.features, eval_records))
 
     progress(0.85, "saving the model")
     lm.config.use_cache = use_cache
@@ -496,8 +533,8 @@ def run(ctx: JobContext) -> JobResult:
         "dropout": p.dropout, "w_dph": p.w_dph, "w_dpo": p.w_dpo, "beta": p.beta if p.w_dpo else None,
         "best_of": p.best_of, "preset": p.preset, "learning_rate": p.learning_rate,
         "lora_r": p.lora_r if p.mode == "lora" else None, "batch_size": p.batch_size, "max_length": max_length,
-        "train_pairs": len(train_records), "eval_pairs": len(eval_records),
-        "train_accuracy": train_accuracy, "eval_accuracy": eval_accuracy,
+        "train_pairs": len(train_records), "train_accuracy": train_accuracy, "heldout": heldout,
+        "epochs": epochs_made(fitted.metrics["steps"], p.batch_size, len(train_records)),
     }
     decoding = {**sampling_decoding(base.decoding), "best_of": p.best_of, "reranker": "head"}
     policy = ModelSpec(name=_policy_name(base), kind=MODEL_KIND, path=folder, parent=base, metrics=metrics,
@@ -507,16 +544,17 @@ def run(ctx: JobContext) -> JobResult:
         specs.append(ModelSpec(name=f"reward-{policy.name}", kind="reward", path=folder, parent=policy,
                                metrics={**metrics, "backbone": "dph"}, policy=False))
         ctx.memo["score_pool"] = lambda reward, report: _score_pool(store, reward, head, fitted.features, report)
-    eval_text = f"{eval_accuracy:.0%} of {len(eval_records)}" if eval_accuracy is not None else "no held-out pairs"
-    return JobResult(models=specs, message=f"{policy.name}: held-out accuracy {eval_text}")
+    return JobResult(models=specs, message=f"{policy.name}: {heldout['summary']}")
 
 
 def evaluate(ctx: JobContext, records: list[ModelRecord]) -> dict:
-    """Score the pool with the head's reward model (if one was registered): with the
-    features this run computed, or, on a re-run, with the head loaded from its folder."""
+    """With score_pool, score the pool with the head's reward model (if one was registered):
+    with the features this run computed, or, on a re-run, with the head loaded from its folder."""
     reward = next((r for r in records if r.kind == "reward"), None)
     if reward is None:
         return {}
+    if not ctx.params.score_pool:
+        return {"reward_model_id": reward.id}
     progress = ctx.progress
 
     def report(fraction: float, message: str) -> None:

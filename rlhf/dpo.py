@@ -2,8 +2,9 @@
 
 The `dpo` training kind (rlhf.runner: `run(ctx) -> JobResult`):
 
-- data: decided human votes (rlhf.training.preference_data) with a held-out split that
-  stays put as votes arrive; prompts are wrapped by rlhf.generate.format_prompt so the model
+- data: decided votes of the chosen `sources` (human, imported data sets, or both;
+  rlhf.training.job_preference_data) with a held-out split by prompt that stays put as
+  votes arrive; prompts are wrapped by rlhf.generate.format_prompt so the model
   is trained on exactly the text it is given when it writes stories. Plain LMs (no chat
   template) get a space before the story, as they produce one after the "Story:" cue.
 - model: LoRA (r=lora_r on the attention projections: c_attn with fan_in_fan_out on GPT-2,
@@ -16,8 +17,9 @@ The `dpo` training kind (rlhf.runner: `run(ctx) -> JobResult`):
   label_smoothing is refused for sigmoid and ipo, which ignore it in TRL 1.x.
 - budget: preset "quick" (for the SmolLM2-135M starter on 2 CPU cores, under 10 minutes) or
   "full"; a preset gives max_steps, max_epochs (without an explicit max_steps, steps are
-  capped at that many passes over the training pairs, so a few votes are not trained on 50
-  times), batch_size, max_length, max_eval_pairs and max_minutes. A CPU step's wall time
+  sized by the data: at least one pass over the training pairs, at most max_epochs passes,
+  so a few votes are not trained on 50 times, and at most STEP_CAPS), batch_size,
+  max_length, max_eval_pairs and max_minutes. A CPU step's wall time
   depends on what else runs (figures: README), so quick is held to max_minutes (9) by TimeBudget:
   training stops early enough for the evaluation (shrunk to what fits, at least 4 pairs)
   and the save; max_steps only caps it on faster machines. max_minutes 0 means no limit
@@ -25,10 +27,9 @@ The `dpo` training kind (rlhf.runner: `run(ctx) -> JobResult`):
 - resume: checkpoints go to the job's output folder; a re-queued job continues from the
   last one (the runner finds it). The merged model is saved as a plain model and
   registered as a child of the base policy.
-- metrics: eval_reward_accuracy is the share of held-out pairs whose implicit reward
-  beta * (log-ratio chosen - log-ratio rejected) is > 0. It is TRL's eval_rewards/accuracies,
-  which averages per-batch means; the eval batch size is chosen to divide the number of
-  eval pairs, so that average is exactly the share over pairs.
+- metrics: `heldout` is rlhf.heldout.pairwise_report of the implicit reward margin
+  beta * (log-ratio chosen - log-ratio rejected) of each held-out pair (accuracy, its 95%
+  interval, the trivial baselines beside it); `epochs` the passes over the training pairs.
 """
 
 from __future__ import annotations
@@ -44,15 +45,21 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf.generate import prompt_and_story
+from rlhf.heldout import pairwise_report
 from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
     ProgressCallback,
     chosen_model,
+    dataset_names,
+    datasets_param,
+    epochs_made,
+    job_preference_data,
     load_trainable_lm,
     lora_and_rate,
     lora_config,
-    preference_data,
+    sources_param,
+    steps_for_data,
     trainer_device_args,
 )
 from storage.models import ModelRecord
@@ -69,6 +76,7 @@ PRESETS: dict[str, dict] = {
     "full": {"max_steps": 1000, "max_epochs": 3.0, "batch_size": 8, "max_length": 512, "max_eval_pairs": 512,
              "max_minutes": 0.0},
 }
+STEP_CAPS = {"quick": 200, "full": 20_000}  # quick's real limit is its max_minutes
 # Evaluating one pair (policy and reference forwards) against training on one pair, in time.
 EVAL_COST_PER_TRAIN_PAIR = 1.0
 MIN_EVAL_PAIRS = 4
@@ -106,6 +114,8 @@ class DPOParams:
     max_length: int = param(PRESETS["quick"]["max_length"], "tokens of prompt + story", low=16, high=32768)
     max_minutes: float = param(PRESETS["quick"]["max_minutes"], "stop training in time for evaluation and "
                                "saving; 0: no limit", low=0, high=7 * 24 * 60)
+    sources: str = sources_param()
+    datasets: str | None = datasets_param()
     explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
@@ -122,6 +132,7 @@ class DPOParams:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        dataset_names(self.sources, self.datasets)
         if self.label_smoothing is not None and self.loss_type != "robust":
             raise ValueError(
                 f"label_smoothing applies to loss_type robust only; TRL's {self.loss_type} loss ignores it."
@@ -134,11 +145,10 @@ class DPOParams:
         return DEFAULT_ROBUST_SMOOTHING if self.label_smoothing is None else float(self.label_smoothing)
 
     def steps_for(self, train_pairs: int) -> int:
-        """An explicit max_steps as is; else the preset's, capped at max_epochs passes."""
+        """An explicit max_steps as is; else the preset's, sized by the data (steps_for_data)."""
         if "max_steps" in self.explicit:
             return self.max_steps
-        per_epoch = math.ceil(train_pairs / self.batch_size)
-        return max(1, min(self.max_steps, math.ceil(self.max_epochs * per_epoch)))
+        return steps_for_data(self.max_steps, STEP_CAPS[self.preset], train_pairs, self.batch_size, self.max_epochs)
 
 
 class TimeBudget(TrainerCallback):
@@ -200,9 +210,30 @@ def _context(model) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def _eval_batch_size(n: int, batch_size: int) -> int:
-    """The largest size <= batch_size dividing n, so a mean of batch means is the mean over pairs."""
-    return next(b for b in range(min(batch_size, max(n, 1)), 0, -1) if n % b == 0) if n else batch_size
+def implicit_reward_margins(model, ref_model, tokenizer, records: list[dict], beta: float, max_length: int,
+                            batch_size: int) -> list[float]:
+    """beta * (log-ratio chosen - log-ratio rejected) per preference record, the log-ratio
+    being log pi(story | prompt) - log pi_ref(story | prompt) over the story and its end
+    token. The reference is ref_model, or with LoRA (ref_model None) the same network with
+    its adapter disabled, as in training."""
+    from rlhf.dph import completion_logps, token_collator, token_pairs
+
+    device = next(model.parameters()).device
+    collate = token_collator(tokenizer.pad_token_id)
+    rows = token_pairs(tokenizer, records, max_length)
+    margins: list[float] = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+            ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            policy = completion_logps(model(input_ids=ids, attention_mask=mask).logits, ids, completion)
+            with model.disable_adapter() if ref_model is None else contextlib.nullcontext():
+                reference = completion_logps((ref_model or model)(input_ids=ids, attention_mask=mask).logits,
+                                             ids, completion)
+            chosen, rejected = (policy - reference).chunk(2)
+            margins.extend((beta * (chosen - rejected)).tolist())
+    return margins
 
 
 @contextlib.contextmanager
@@ -237,9 +268,7 @@ def run(ctx: JobContext) -> JobResult:
     p, store, settings, progress = ctx.params, ctx.store, ctx.settings, ctx.progress
     deadline = time.monotonic() + 60 * p.max_minutes if p.max_minutes else None
     base = chosen_model(store, p.base, "base policy")
-    train_records, eval_records, snapshot = preference_data(
-        store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction, min_annotators=p.min_annotators,
-    )
+    train_records, eval_records, snapshot = job_preference_data(store, p)
     eval_records = eval_records[: p.max_eval_pairs]
 
     progress(0.0, f"loading {base.name}")
@@ -265,7 +294,6 @@ def run(ctx: JobContext) -> JobResult:
         max_steps=steps,
         save_steps=max(1, steps // 4),
         per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
         learning_rate=learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=steps // 10,
@@ -277,16 +305,15 @@ def run(ctx: JobContext) -> JobResult:
         seed=0,
     )
     train_set = preference_dataset(train_records, tokenizer)
-    eval_set = preference_dataset(eval_records, tokenizer) if eval_records else None
     progress(LOAD_SHARE, f"DPO ({p.loss_type}, {'LoRA' if use_lora else 'full'}) on {len(train_records)} pairs, {steps} steps")
     budget = TimeBudget(deadline, 60 * p.max_minutes, p.batch_size)
     with _quiet_datasets():
         trainer = DPOTrainer(
-            model=model, ref_model=ref_model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+            model=model, ref_model=ref_model, args=args, train_dataset=train_set,
             processing_class=tokenizer, peft_config=peft_config,
             callbacks=[ProgressCallback(progress, start=LOAD_SHARE, share=TRAIN_SHARE), budget],
         )
-    budget.eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
+    budget.eval_pairs = len(eval_records)
     if len(trainer.train_dataset) == 0:
         raise ValueError(f"Every training prompt fills max_length ({max_length} tokens); raise max_length.")
     started = time.perf_counter()
@@ -294,15 +321,10 @@ def run(ctx: JobContext) -> JobResult:
     train_seconds = time.perf_counter() - started
     resumed_from = ctx.resumed_step if ctx.resume_from else None
 
-    eval_metrics: dict = {}
-    eval_pairs = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
-    if eval_pairs > budget.eval_pairs_that_fit():  # the quick budget: fewer held-out pairs, never none
-        eval_pairs = budget.eval_pairs_that_fit()
-        trainer.eval_dataset = trainer.eval_dataset.select(range(eval_pairs))
-    if eval_pairs:
-        progress(LOAD_SHARE + TRAIN_SHARE, f"evaluating on {eval_pairs} held-out pairs")
-        trainer.args.per_device_eval_batch_size = _eval_batch_size(eval_pairs, p.batch_size)
-        eval_metrics = trainer.evaluate()
+    eval_records = eval_records[: budget.eval_pairs_that_fit()]  # the quick budget: fewer, never none
+    progress(LOAD_SHARE + TRAIN_SHARE, f"evaluating on {len(eval_records)} held-out pairs")
+    heldout = pairwise_report(eval_records, implicit_reward_margins(
+        trainer.model, ref_model, tokenizer, eval_records, p.beta, max_length, p.batch_size))
 
     progress(LOAD_SHARE + TRAIN_SHARE + EVAL_SHARE, "saving the model")
     trained = trainer.model
@@ -315,7 +337,6 @@ def run(ctx: JobContext) -> JobResult:
     metrics = {
         **snapshot,
         "train_pairs": len(trainer.train_dataset),
-        "eval_pairs": eval_pairs,
         "loss_type": p.loss_type,
         "beta": p.beta,
         "label_smoothing": p.smoothing if p.loss_type == "robust" else None,
@@ -326,6 +347,7 @@ def run(ctx: JobContext) -> JobResult:
         "max_length": max_length,
         "preset": p.preset,
         "steps": trainer.state.global_step,
+        "epochs": epochs_made(trainer.state.global_step, p.batch_size, len(trainer.train_dataset)),
         "resumed_from_step": resumed_from,
         "max_minutes": p.max_minutes or None,
         "stopped_for_time": budget.stopped_early,
@@ -333,13 +355,12 @@ def run(ctx: JobContext) -> JobResult:
         "train_loss": _finite(result.training_loss),
         "train_loss_last": _finite(last_train.get("loss")),
         "train_reward_accuracy_last": _finite(last_train.get("rewards/accuracies")),
-        "eval_loss": _finite(eval_metrics.get("eval_loss")),
-        "eval_reward_accuracy": _finite(eval_metrics.get("eval_rewards/accuracies")),
-        "eval_reward_margin": _finite(eval_metrics.get("eval_rewards/margins")),
+        "heldout": heldout,
     }
+    name = _policy_name(base, p.loss_type)
     return JobResult(models=[ModelSpec(
-        name=_policy_name(base, p.loss_type), kind=MODEL_KIND, path=folder, parent=base, metrics=metrics,
-    )])
+        name=name, kind=MODEL_KIND, path=folder, parent=base, metrics=metrics,
+    )], message=f"{name}: {heldout['summary']}")
 
 
 KIND = Kind(

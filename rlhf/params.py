@@ -124,6 +124,8 @@ def allowed_values(f: Field) -> str:
         text = f"{meta['low']:,} to {meta['high']:,}"
     elif kind.startswith("float"):
         text = f"{'(' if meta['low_open'] else '['}{meta['low']:g}, {meta['high']:g}]"
+    elif kind.startswith("str"):
+        text = "text"
     else:
         text = kind
     return text + (" or unset" if "None" in kind else "")

@@ -15,9 +15,22 @@ backbones:
 Texts are tokenized once by rlhf.scoring.encode, the function that scores later, so training
 and scoring never disagree on the input; the trainer gets `chosen_ids` / `rejected_ids`.
 
-Once registered, the job scores the whole completion pool (`evaluate`), so every
-later vote stores the model's P(A better) and agreement with people is measured live;
-train and held-out pairwise accuracy come from the same pool scores. The model folder
+Held-out measurement: the votes are split by prompt (rlhf.heldout.split_by_prompt); once
+trained, the model scores both stories of each held-out pair and the job's metrics carry
+`heldout`, rlhf.heldout.pairwise_report of score(chosen) - score(rejected): accuracy with
+its 95% interval beside the trivial baselines ("longer story wins", each story metric).
+
+Steps: without an explicit max_steps the preset's steps are sized by the data, at least one
+pass over the training pairs and at most the preset's STEP_CAPS; `epochs` reports the passes
+made. `sources` picks human votes, imported data sets (`datasets` names some) or both.
+
+Scoring the pool is optional (score_pool, off by default): the held-out report already
+measures the model when the job ends, the generate job scores every new batch of stories
+with the newest reward model as it is written (so votes on them store its prediction),
+and RLOO and best-of-k score what they need themselves. Scoring the existing pool only
+adds predictions for votes on stories written before the model, and costs about as much
+as training on the policy backbone (README figures); a researcher who wants those live
+predictions, or the Metrics tab's reward per policy for old stories, asks for it. The model folder
 keeps `reward_model.json` (backbone, max length) next to the weights, which is all
 `load_reward_scorer` needs. A reward model is registered with policy=False: inactive,
 no story pool; its parent is the base policy (None for MiniLM).
@@ -32,7 +45,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -40,27 +53,34 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.encoders import minilm_dir
-from rlhf.models import ModelLoadError
+from rlhf.heldout import pairwise_report
+from rlhf.models import ModelLoadError, resolve_device
 from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
-from rlhf.scoring import META_FILE, encode, model_limit, score_new_completions
+from rlhf.scoring import META_FILE, encode, make_scorer, model_limit, score_new_completions
 from rlhf.training import (
     ProgressCallback,
     chosen_model,
-    preference_data,
+    dataset_names,
+    datasets_param,
+    epochs_made,
+    job_preference_data,
+    sources_param,
+    steps_for_data,
     trainer_device_args,
     weak_training_pairs,
 )
-from storage import models, scores
+from storage import models
 from storage.db import Store
 from storage.models import ModelRecord
 
 BACKBONES = ("policy", "minilm")
 PRESETS = ("quick", "full")
 
-# Step budgets per preset and backbone. "quick" fits 10 minutes on 2 CPU cores for the
-# real starter (SmolLM2-135M) including scoring the default pool (480 stories); measured
-# costs are in the README's figures.
+# Step budgets per preset and backbone: max_steps is the least a preset trains (small data
+# get several passes), STEP_CAPS the most (large data: as many passes as fit). "quick" on
+# the real starter (SmolLM2-135M, top 2 blocks, about 10 CPU-s per 8 pairs, README figures)
+# stays near 10 minutes on 2 CPU cores; MiniLM steps are cheaper.
 PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
         "policy": {"max_steps": 20, "learning_rate": 5e-5, "batch_size": 4, "max_length": 320, "train_layers": 2},
@@ -71,6 +91,7 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
         "minilm": {"max_steps": 400, "learning_rate": 3e-5, "batch_size": 16, "max_length": 256, "train_layers": -1},
     },
 }
+STEP_CAPS = {"quick": {"policy": 120, "minilm": 100}, "full": {"policy": 5000, "minilm": 5000}}
 
 
 @dataclass(frozen=True)
@@ -101,22 +122,34 @@ class RewardParams:
     weak_labels: bool = param(False, "add the weak job's labels to the training split")
     weak_threshold: float = param(0.8, "weak labels kept at this confidence or more", low=0.5, high=1)
     weak_weight: float = param(1.0, "each weak pair is kept with this probability", low=0, high=1, low_open=True)
+    sources: str = sources_param()
+    datasets: str | None = datasets_param()
+    score_pool: bool = param(False, "also score the existing story pool (live predictions for votes on older "
+                             "stories; new stories are scored as they are written)")
+    explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> RewardParams:
-        given = given_params("reward", params, [f.name for f in fields(cls)])
+        given = given_params("reward", params, [f.name for f in fields(cls) if f.name != "explicit"])
         preset = check_field(cls, "preset", given.get("preset", "quick"))
         backbone = check_field(cls, "backbone", given.get("backbone", "policy"))
         base = given.get("base")
         if isinstance(base, str) and base.strip().isdigit():
             given["base"] = int(base)
-        return cls(**{**PRESET_VALUES[preset][backbone], **given})
+        return cls(**{**PRESET_VALUES[preset][backbone], **given}, explicit=frozenset(given))
 
     def __post_init__(self) -> None:
         check_fields(self)
+        dataset_names(self.sources, self.datasets)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "explicit"}
+
+    def steps_for(self, train_pairs: int) -> int:
+        """An explicit max_steps as is; else the preset's, sized by the data (steps_for_data)."""
+        if "max_steps" in self.explicit:
+            return self.max_steps
+        return steps_for_data(self.max_steps, STEP_CAPS[self.preset][self.backbone], train_pairs, self.batch_size)
 
 
 # --- inputs: one function builds the token ids for training and for scoring -------------
@@ -194,22 +227,9 @@ def _default_base(store: Store) -> ModelRecord:
     return starters[0]
 
 
-def pairwise_accuracy(db, reward_model_id: int, records: Sequence[dict]) -> tuple[float | None, int]:
-    """Share of preference records whose chosen story the reward model scored higher."""
-    pairs = scores.vote_completions(db, [r["vote_id"] for r in records])
-    by_id = scores.scores_for(db, reward_model_id, [c for a, b, _ in pairs.values() for c in (a, b)])
-    right = n = 0
-    for a, b, choice in pairs.values():
-        if choice not in ("a", "b") or a not in by_id or b not in by_id:
-            continue
-        chosen, rejected = (a, b) if choice == "a" else (b, a)
-        right += by_id[chosen] > by_id[rejected]
-        n += 1
-    return (right / n if n else None), n
-
-
 def run(ctx: JobContext) -> JobResult:
-    """Train a reward model on human votes (plus weak labels if asked)."""
+    """Train a reward model on the chosen votes (plus weak labels if asked) and measure it
+    on the held-out prompts."""
     p, store, progress = ctx.params, ctx.store, ctx.progress
     if p.backbone == "policy":
         base = chosen_model(store, p.base, "base policy") if p.base is not None else _default_base(store)
@@ -217,7 +237,7 @@ def run(ctx: JobContext) -> JobResult:
     else:
         source, parent, label = str(minilm_dir()), None, "minilm"
 
-    train, _, snapshot = _preference_split(store, p)
+    train, held_out, snapshot = job_preference_data(store, p)
     weak_pairs = weak_training_pairs(store, p.weak_threshold, p.weak_weight) if p.weak_labels else []
     if p.weak_labels and not weak_pairs:
         raise ValueError(
@@ -225,34 +245,35 @@ def run(ctx: JobContext) -> JobResult:
             f"weak_weight {p.weak_weight:g}): run the weak job first, or lower the threshold."
         )
     progress(0.0, f"loading the {p.backbone} backbone from {source}")
-    folder, metrics = _fit(ctx, source, train + weak_pairs)
-    metrics.update(snapshot, weak_pairs_used=len(weak_pairs))
+    folder, metrics, scorer = _fit(ctx, source, train + weak_pairs)
+    progress(0.84, f"scoring {len(held_out)} held-out pairs")
+    heldout = pairwise_report(held_out, held_out_margins(scorer, held_out))
+    metrics.update(snapshot, weak_pairs_used=len(weak_pairs), train_pairs=len(train), heldout=heldout,
+                   epochs=epochs_made(metrics["steps"], p.batch_size, len(train) + len(weak_pairs)))
     return JobResult(models=[ModelSpec(
         name=f"reward-{label}", kind="reward", path=folder, parent=parent, metrics=metrics, policy=False,
-    )])
+    )], message=f"reward-{label}: {heldout['summary']}")
 
 
-def _preference_split(store: Store, p: RewardParams) -> tuple[list[dict], list[dict], dict]:
-    return preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction,
-                           min_annotators=p.min_annotators)
+def held_out_margins(scorer, records: list[dict]) -> list[float]:
+    """score(chosen) - score(rejected) per preference record, in one scoring pass."""
+    prompts = [r["prompt"] for r in records]
+    values = scorer(prompts + prompts, [r["chosen"] for r in records] + [r["rejected"] for r in records])
+    return [c - r for c, r in zip(values[:len(records)], values[len(records):])]
 
 
 def evaluate(ctx: JobContext, records: list[ModelRecord]) -> dict:
-    """Score the pool with the new reward model (so later votes store its prediction) and
-    measure train and held-out pairwise accuracy from those scores."""
-    progress, db, record = ctx.progress, ctx.store.db, records[0]
+    """With score_pool, score the pool stories the new reward model has not scored (so votes
+    on them store its prediction); idempotent, so a re-run only finishes what is left."""
+    if not ctx.params.score_pool:
+        return {}
+    progress, record = ctx.progress, records[0]
     progress(0.85, "scoring the story pool")
     scored = score_new_completions(
         ctx.store, ctx.settings, reward_model_id=record.id,
         progress=lambda f, m: progress(0.85 + 0.14 * f, m),
     )
-    train, held_out, _ = _preference_split(ctx.store, ctx.params)
-    train_acc, train_n = pairwise_accuracy(db, record.id, train)
-    eval_acc, eval_n = pairwise_accuracy(db, record.id, held_out)
-    eval_text = f"{eval_acc:.0%} of {eval_n}" if eval_acc is not None else "no held-out pairs"
-    progress(0.99, f"reward model {record.name}: held-out accuracy {eval_text}")
-    return {"train_accuracy": train_acc, "train_pairs": train_n,
-            "eval_accuracy": eval_acc, "eval_pairs": eval_n, "pool_scored": scored}
+    return {"pool_scored": scored}
 
 
 def _save(trainer, tokenizer, meta: dict, folder: Path) -> None:
@@ -261,8 +282,9 @@ def _save(trainer, tokenizer, meta: dict, folder: Path) -> None:
     (folder / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
 
 
-def _fit(ctx: JobContext, source: str, train: list[dict]) -> tuple[Path, dict]:
-    """Run RewardTrainer (resuming this job's last checkpoint) and save the final model."""
+def _fit(ctx: JobContext, source: str, train: list[dict]):
+    """Run RewardTrainer (resuming this job's last checkpoint) and save the final model;
+    returns its folder, metrics and a scorer on the trained model."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -276,12 +298,13 @@ def _fit(ctx: JobContext, source: str, train: list[dict]) -> tuple[Path, dict]:
         "rejected_ids": encode(tokenizer, meta, [r["prompt"] for r in train], [r["rejected"] for r in train]),
     })
     device_args = trainer_device_args(settings)
+    max_steps = p.steps_for(len(train))
     config = RewardConfig(
         output_dir=str(ctx.output_dir),
-        max_steps=p.max_steps,
+        max_steps=max_steps,
         per_device_train_batch_size=p.batch_size,
         learning_rate=p.learning_rate,
-        save_steps=max(10, math.ceil(p.max_steps / 5)),
+        save_steps=max(10, math.ceil(max_steps / 5)),
         max_length=None,  # already truncated by encode(); TRL would drop longer pairs
         **device_args,
     )
@@ -304,7 +327,9 @@ def _fit(ctx: JobContext, source: str, train: list[dict]) -> tuple[Path, dict]:
         "trainable_params": trainable,
         "seconds_per_step": seconds / steps if steps > 0 else None, "max_length": meta["max_length"],
     }
-    return folder, metrics
+    device = resolve_device(settings.device)
+    scorer = make_scorer(trainer.model.to(device).eval(), tokenizer, meta, device)
+    return folder, metrics, scorer
 
 
 KIND = Kind(

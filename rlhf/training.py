@@ -18,6 +18,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from rlhf.export import preference_records
 from rlhf.heldout import split_by_prompt
 from rlhf.models import resolve_device
+from rlhf.params import param
 from rlhf.policies import queue_pool
 from rlhf.progress import JobProgress
 from rlhf.scoring import sampling_decoding
@@ -69,16 +70,80 @@ def trainer_device_args(settings: Settings) -> dict:
 
 
 
+# The `sources` parameter of the kinds that learn from votes: people's votes in the arena,
+# imported preference data sets (rlhf.preferences), or both.
+VOTE_SOURCES = {"human": ("human",), "import": ("import",), "both": ("human", "import")}
+
+
+def sources_param():
+    return param("human", "which votes to train on: human (the arena's), import (imported data sets) or both",
+                 choices=VOTE_SOURCES)
+
+
+def datasets_param():
+    return param(None, "comma-separated names of imported data sets to use (unset: all); needs sources import "
+                 "or both")
+
+
+def dataset_names(sources: str, datasets: str | None) -> tuple[str, ...] | None:
+    """The imported data sets a job selects (None: all), checked like an import's name."""
+    from rlhf.preferences import check_name
+
+    if datasets is None:
+        return None
+    if not isinstance(datasets, str):
+        raise ValueError(f"datasets must be comma-separated data set names, got {datasets!r}.")
+    if "import" not in VOTE_SOURCES[sources]:
+        raise ValueError("datasets selects imported data sets: set sources to import or both.")
+    names = [n.strip() for n in datasets.split(",") if n.strip()]
+    if not names:
+        raise ValueError("datasets: name at least one imported data set, or leave it unset for all.")
+    for name in names:
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise ValueError(f"datasets: {name!r}: {exc}") from None
+    return tuple(names)
+
+
 def preference_data(
     store: Store, min_pairs: int = 2, eval_fraction: float = 0.2, sources: tuple[str, ...] = ("human",),
-    min_annotators: int = 1,
+    min_annotators: int = 1, datasets: tuple[str, ...] | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
-    """Train and held-out preference records plus a snapshot (hash, count) for lineage."""
-    records = list(preference_records(store, sources=sources, min_annotators=min_annotators))
+    """Train and held-out preference records (held out by prompt) plus a snapshot (hash,
+    count) for lineage."""
+    records = list(preference_records(store, sources=sources, min_annotators=min_annotators, datasets=datasets))
     if len(records) < min_pairs:
-        raise ValueError(f"Training needs at least {min_pairs} decided votes; there are {len(records)}.")
+        which = "" if sources == ("human",) else f" Sources: {' and '.join(sources)}" + (
+            f" ({', '.join(datasets)})." if datasets else ".")
+        raise ValueError(f"Training needs at least {min_pairs} decided votes; there are {len(records)}.{which}")
     train, evaluation = split_by_prompt(records, eval_fraction)
     return train, evaluation, data_snapshot(records)
+
+
+def job_preference_data(store: Store, p) -> tuple[list[dict], list[dict], dict]:
+    """preference_data as a job's Params ask for it (min_pairs, eval_fraction, sources,
+    datasets, min_annotators)."""
+    return preference_data(store, min_pairs=p.min_pairs, eval_fraction=p.eval_fraction,
+                           sources=VOTE_SOURCES[p.sources], min_annotators=p.min_annotators,
+                           datasets=dataset_names(p.sources, p.datasets))
+
+
+def steps_for_data(preset_steps: int, cap: int, train_pairs: int, batch_size: int,
+                   max_epochs: float | None = None) -> int:
+    """A preset's step budget sized by the data: at least one pass over the training pairs
+    (a preset that stops short of it has not seen every vote), at most `cap` steps (the
+    preset's time on its device) and, when given, at most max_epochs passes."""
+    per_epoch = math.ceil(train_pairs / batch_size)
+    steps = max(preset_steps, per_epoch)
+    if max_epochs is not None:
+        steps = min(steps, math.ceil(max_epochs * per_epoch))
+    return max(1, min(cap, steps))
+
+
+def epochs_made(steps: int, batch_size: int, train_pairs: int) -> float | None:
+    """Passes over the training pairs that `steps` steps of `batch_size` pairs made."""
+    return round(steps * batch_size / train_pairs, 2) if train_pairs else None
 
 
 def weak_training_pairs(store: Store, threshold: float, weight: float, seed: int = 0) -> list[dict]:

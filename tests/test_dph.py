@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from rlhf import arena
 from rlhf.dph import (
     PRESET_VALUES,
+    STEP_CAPS,
     DirectPreferenceHeadModel,
     DPHParams,
     conservative_dpo_loss,
@@ -144,6 +145,16 @@ def test_params_follow_the_preset_of_the_mode_and_explicit_keys_win():
     assert DPHParams.from_dict({"base": 3, "best_of": None}).best_of == 4  # an unset form field
 
 
+def test_quick_steps_make_at_least_one_pass_up_to_the_cap():
+    head = DPHParams.from_dict({"base": 3})  # batch 16, 200 steps
+    assert head.steps_for(256) == head.max_steps  # 12.5 passes already
+    lora = DPHParams.from_dict({"base": 3, "mode": "lora"})  # batch 4, 6 steps, cap 32
+    assert lora.steps_for(100) == 25 > lora.max_steps  # one pass
+    assert lora.steps_for(PRESET_VALUES["quick"]["lora"]["max_train_pairs"]) == STEP_CAPS["quick"]["lora"]
+    assert DPHParams.from_dict({"base": 3, "mode": "lora", "max_steps": 2}).steps_for(100) == 2
+    assert DPHParams.from_dict({"base": 3, "sources": "both", "datasets": "a,b"}).datasets == "a,b"
+
+
 @pytest.mark.parametrize("params, message", [
     ({}, "Choose a base policy for DPH"),
     ({"base": 1, "k": 4}, "Unknown DPH parameter(s): k"),
@@ -157,6 +168,9 @@ def test_params_follow_the_preset_of_the_mode_and_explicit_keys_win():
     ({"base": 1, "best_of": 2.5}, "best_of must be a whole number"),
     ({"base": 1, "dropout": 1.0}, "dropout must be in [0, 0.9]"),
     ({"base": 1, "register_reward": "yes"}, "register_reward must be true or false"),
+    ({"base": 1, "sources": "all"}, "sources must be one of human, import, both"),
+    ({"base": 1, "datasets": "foxes"}, "datasets selects imported data sets"),
+    ({"base": 1, "score_pool": 1}, "score_pool must be true or false"),
     ({"base": "one"}, "base must be a whole number"),
 ])
 def test_bad_params_are_refused_clearly(params, message):
@@ -187,7 +201,8 @@ def test_head_training_end_to_end(arena_dir):
     db = store.db
     base_id, _ = vote_kind(store, n=128)
     base = models.get_model(db, base_id)
-    params = {"base": base_id, "max_steps": 300, "learning_rate": 1e-2, "eval_fraction": 0.3, "best_of": 3}
+    params = {"base": base_id, "max_steps": 300, "learning_rate": 1e-2, "eval_fraction": 0.3, "best_of": 3,
+              "score_pool": True}
     job = run_inline(settings, "dph", params)
     assert job["status"] == "succeeded", job["error"]
 
@@ -196,9 +211,9 @@ def test_head_training_end_to_end(arena_dir):
     assert policy.name == f"{base.name}-dph" and policy.decoding == {**base.decoding, "best_of": 3, "reranker": "head"}
     m = policy.metrics
     assert (m["mode"], m["objective"], m["best_of"], m["steps"], m["votes_used"]) == ("head", "contrastive", 3, 300, 128)
-    assert m["train_pairs"] + m["eval_pairs"] == 128 and m["eval_pairs"] >= 24
-    assert m["train_accuracy"] >= 0.85 and m["eval_accuracy"] >= 0.65, m
-    assert job["metrics"]["eval_accuracy"] == m["eval_accuracy"]
+    assert m["train_pairs"] + m["heldout"]["pairs"] == 128 and m["heldout"]["pairs"] >= 24
+    assert m["train_accuracy"] >= 0.85 and m["heldout"]["accuracy"] >= 0.65, m
+    assert job["metrics"]["heldout"] == m["heldout"] and m["epochs"] == round(300 * 16 / m["train_pairs"], 2)
 
     # The folder: the LM, the head and k; the LM is the base's, so its logits are too.
     folder = Path(policy.path)
@@ -228,7 +243,8 @@ def test_head_training_end_to_end(arena_dir):
     _, held_out, _ = preference_data(store, min_pairs=8, eval_fraction=0.3)
     chosen = scorer([r["prompt"] for r in held_out], [r["chosen"] for r in held_out])
     rejected = scorer([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
-    assert m["eval_accuracy"] == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / len(held_out))
+    assert m["heldout"]["accuracy"] == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
+                                                      abs=1e-3)
     # A live vote stores the head's prediction.
     voter = arena.sign_in(store, settings, "newcomer")["id"]
     view = arena.next_pair(store, voter, random.Random(0))
@@ -239,10 +255,11 @@ def test_head_training_end_to_end(arena_dir):
     # Its pool job writes the best of k stories by the head.
     queued = [j for j in jobs.list_jobs(db, kind="generate") if j["params"]["model_ids"] == [policy.id]]
     assert queued and queued[0]["status"] == "queued"
+    missing = completions.prompts_without_completion(db, policy.id, 2)  # 2 seed prompts and every user prompt
     generated = run_inline(settings, "generate", {"model_ids": [policy.id], "prompts": 2})
     assert generated["status"] == "succeeded", generated["error"]
     rows = list(db.query("SELECT gen_params FROM completions WHERE model_id = ?", [policy.id]))
-    assert len(rows) == 2 and all(json.loads(r["gen_params"])["best_of"] == 3 for r in rows)
+    assert len(rows) == len(missing) > 2 and all(json.loads(r["gen_params"])["best_of"] == 3 for r in rows)
 
     # RLOO takes the head as its reward model: its parameters pass, and the TRL reward
     # function it builds from load_reward_scorer returns the head's scores.
@@ -267,7 +284,9 @@ def test_pool_of_a_dph_policy_is_the_best_of_k_by_its_head(arena_dir):
     assert [x.kind for x in models.list_models(db)].count("reward") == 0
 
     # What the pool should hold: of 4 samples (same seed and batches as fill_pool), the one
-    # the head scores highest.
+    # the head scores highest. The voted prompts leave the arena, so the pool is 2 seed prompts.
+    for row in list(db.query("SELECT id FROM prompts WHERE source = 'user'")):
+        prompts.retire_prompt(db, row["id"])
     model, tokenizer = load_causal_lm(policy.path, CPU)
     score = head_scorer(policy.path, CPU)
     decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **sampling_decoding(policy.decoding)})
@@ -277,7 +296,7 @@ def test_pool_of_a_dph_policy_is_the_best_of_k_by_its_head(arena_dir):
     rewards = score(repeated, [c.text for c in candidates])
     expected = [candidates[max(range(4 * i, 4 * i + 4), key=lambda j: rewards[j])].text for i in range(len(texts))]
 
-    assert fill_pool(store, settings, [policy.id], 2, lambda f, m: None, seed=5) == 2
+    assert fill_pool(store, settings, [policy.id], 2, lambda f, m: None, seed=5) == len(texts) == 2
     written = list(db.query("SELECT text, gen_params FROM completions WHERE model_id = ? ORDER BY prompt_id", [policy.id]))
     assert [r["text"] for r in written] == expected
     assert all(json.loads(r["gen_params"])["best_of"] == 4 for r in written)
@@ -328,5 +347,5 @@ def test_cli_trains_and_registers_a_head(arena_dir):
     assert result["status"] == "succeeded", result["error"]
     policy = models.get_model(store.db, result["model_id"])
     assert policy.kind == "dph" and policy.parent_id == base_id and policy.decoding["best_of"] == 2
-    assert result["metrics"]["steps"] == 30 and 0.0 <= result["metrics"]["eval_accuracy"] <= 1.0
+    assert result["metrics"]["steps"] == 30 and 0.0 <= result["metrics"]["heldout"]["accuracy"] <= 1.0
     assert models.get_model(store.db, policy.metrics["reward_model_id"]).kind == "reward"

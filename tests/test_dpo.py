@@ -13,11 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.dpo import (
     MIN_EVAL_PAIRS,
     PRESETS,
+    STEP_CAPS,
     DPOParams,
     TimeBudget,
     preference_dataset,
 )
 from rlhf.generate import Decoding, format_prompt, generate_stories
+from rlhf.heldout import pairwise_report
 from rlhf.jobs import run_inline
 from rlhf.models import load_causal_lm
 from rlhf.progress import JobCancelled, JobProgress
@@ -30,8 +32,8 @@ from tests.test_generate import CHAT_TEMPLATE
 CPU = torch.device("cpu")
 VOTES_PER_PROMPT = 4
 METRIC_KEYS = {
-    "data_hash", "votes_used", "train_pairs", "eval_pairs", "loss_type", "beta", "lora", "steps",
-    "train_loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin", "learning_rate", "max_length",
+    "data_hash", "votes_used", "train_pairs", "heldout", "loss_type", "beta", "lora", "steps", "epochs",
+    "train_loss", "learning_rate", "max_length",
 }
 
 
@@ -85,10 +87,11 @@ def test_explicit_keys_override_the_preset():
     assert p.smoothing == 0.1  # robust's default share of flipped labels
 
 
-def test_steps_are_capped_by_epochs_unless_given():
+def test_steps_are_sized_by_the_data_unless_given():
     p = DPOParams.from_dict({"base": 1, "batch_size": 4, "max_epochs": 2})
     assert p.steps_for(10) == 6  # 2 epochs of ceil(10 / 4) batches
-    assert p.steps_for(10_000) == PRESETS["quick"]["max_steps"]
+    assert p.steps_for(400) == 100 > PRESETS["quick"]["max_steps"]  # one pass, more than the preset's steps
+    assert p.steps_for(10_000) == STEP_CAPS["quick"]  # at most the cap
     assert DPOParams.from_dict({"base": 1, "max_steps": 50}).steps_for(10) == 50
 
 
@@ -108,6 +111,8 @@ def test_steps_are_capped_by_epochs_unless_given():
     ({"base": 1, "min_pairs": 1}, "min_pairs must be between 2"),
     ({"base": 1, "max_steps": 2.5}, "max_steps must be a whole number"),
     ({"base": 1, "learning_rate": 1.0}, "learning_rate must be in (0, 0.01]"),
+    ({"base": 1, "sources": "weak"}, "sources must be one of human, import, both"),
+    ({"base": 1, "datasets": "foxes"}, "datasets selects imported data sets"),
 ])
 def test_bad_params_are_refused_clearly(params, message):
     with pytest.raises(ValueError) as info:
@@ -148,9 +153,10 @@ def check_trained_policy(settings, store, base, job, loss_type: str, lora: bool)
     assert METRIC_KEYS <= set(record.metrics)
     m = record.metrics
     assert (m["loss_type"], m["lora"], m["votes_used"]) == (loss_type, lora, 24)
-    assert m["train_pairs"] + m["eval_pairs"] == 24 and m["eval_pairs"] > 0
-    assert 0.0 <= m["eval_reward_accuracy"] <= 1.0
-    assert m["eval_loss"] > 0 and m["train_loss"] > 0
+    assert m["train_pairs"] + m["heldout"]["pairs"] == 24 and m["heldout"]["pairs"] > 0
+    assert 0.0 <= m["heldout"]["accuracy"] <= 1.0 and m["heldout"]["best_baseline"]
+    assert m["epochs"] == round(m["steps"] * m["batch_size"] / m["train_pairs"], 2)
+    assert m["train_loss"] > 0
     assert job["metrics"] == m
     # A plain folder, checkpoints gone, loads and writes stories like any policy.
     path = Path(record.path)
@@ -221,7 +227,7 @@ def implicit_reward_accuracy(policy_path, ref_path, records, beta: float) -> tup
     return accuracy, sum(abs(m) < 1e-4 for m in margins)
 
 
-def test_eval_reward_accuracy_is_the_share_of_held_out_pairs(voted):
+def test_heldout_report_is_the_implicit_reward_margin_of_each_held_out_pair(voted):
     settings, store, base = voted
     params = {"base": base.id, "max_steps": 4, "learning_rate": 1e-3, "eval_fraction": 0.5, "batch_size": 4,
               "max_eval_pairs": 100}
@@ -229,11 +235,12 @@ def test_eval_reward_accuracy_is_the_share_of_held_out_pairs(voted):
     assert job["status"] == "succeeded", job["error"]
     m = job["metrics"]
     _, held_out, _ = preference_data(store, min_pairs=8, eval_fraction=0.5)
-    assert m["eval_pairs"] == len(held_out)
+    assert m["heldout"]["pairs"] == len(held_out)
     policy = models.get_model(store.db, job["result_model_id"])
     expected, close_calls = implicit_reward_accuracy(policy.path, base.path, held_out, beta=m["beta"])
-    # TRL averages float32 batch means: equal up to float noise, unless a margin sits at 0.
-    assert abs(m["eval_reward_accuracy"] - expected) * len(held_out) <= close_calls + 1e-4
+    # Equal up to float noise, unless a margin sits at 0.
+    assert abs(m["heldout"]["accuracy"] - expected) * len(held_out) <= close_calls + 1e-4
+    assert m["heldout"]["baselines"] == pairwise_report(held_out, [1.0] * len(held_out))["baselines"]
 
 
 def test_too_few_votes_fail_the_job_clearly(arena_dir):
@@ -298,7 +305,7 @@ def test_quick_time_budget_cuts_steps_and_eval_pairs(voted):
     assert job["status"] == "succeeded", job["error"]
     m = job["metrics"]
     assert m["steps"] == 1 and m["stopped_for_time"] is True and m["max_minutes"] == 0.2
-    assert m["eval_pairs"] == MIN_EVAL_PAIRS
+    assert m["heldout"]["pairs"] == MIN_EVAL_PAIRS
 
 
 class StopAfter(JobProgress):

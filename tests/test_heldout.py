@@ -19,8 +19,10 @@ from rlhf.heldout import (
     rate_interval,
     split_by_prompt,
 )
+from rlhf.jobs import run_inline
 from rlhf.training import preference_data
-from storage import completions, prompts, votes
+from storage import completions, models, prompts, votes
+from tests.test_reward import _vote_longer
 
 WORDS = "cat dog sun tree boat ball girl boy moon star fish bird hat cake rain".split()
 
@@ -185,3 +187,25 @@ def test_closed_loop_win_rates_carry_an_interval_over_prompts_even_with_one_prom
         low, high = result["ci95"]
         assert low <= result["win_rate"] <= high and high - low > 0.2
     assert one["ci95"][1] - one["ci95"][0] > every["ci95"][1] - every["ci95"][0]
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("dpo", {"max_steps": 1, "batch_size": 8, "max_length": 96, "max_eval_pairs": 1000}),
+    ("dph", {"max_steps": 20, "max_length": 96, "register_reward": False}),
+])
+def test_dpo_and_dph_jobs_report_the_length_baseline_on_unseen_prompts(arena_dir, kind, params):
+    """The reward job's check (tests/test_reward.py), in the same shape for DPO and DPH:
+    votes where length alone predicts the label, a few cheap steps."""
+    settings, store = arena_dir
+    base, _ = _vote_longer(store, n=24)
+    job = run_inline(settings, kind, {"base": base, "eval_fraction": 0.3, **params})
+    assert job["status"] == "succeeded", job["error"]
+    held = models.get_model(store.db, job["result_model_id"]).metrics["heldout"]
+    assert job["metrics"]["heldout"] == held
+    assert held["best_baseline"] == {"name": "longer story wins", "accuracy": 1.0}
+    low, high = held["ci95"]
+    assert low <= held["accuracy"] <= high and low < high and held["verdict"] == NOT_ABOVE
+    train, unseen, _ = preference_data(store, eval_fraction=0.3)
+    assert not prompts_of(train) & prompts_of(unseen)
+    assert (held["pairs"], held["prompts"]) == (len(unseen), len(prompts_of(unseen)))
+    assert "Warning:** The model does not beat" in heldout_markdown(held)

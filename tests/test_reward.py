@@ -4,21 +4,24 @@ the prediction stored with each live vote."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
 import pytest
 
-from rlhf import arena
+from rlhf import arena, hub, preferences
+from rlhf.heldout import NOT_ABOVE, heldout_markdown, normalised_prompt
 from rlhf.jobs import run_inline
-from rlhf.reward import PRESET_VALUES, RewardParams
+from rlhf.reward import PRESET_VALUES, STEP_CAPS, RewardParams
 from rlhf.runner import train
 from rlhf.scoring import load_reward_scorer, score_new_completions
-from rlhf.training import JobProgress
+from rlhf.training import JobProgress, preference_data
 from storage import annotators, completions, jobs, models, prompts, scores, votes
 from storage.db import Store
 from storage.schema import MIGRATIONS
 from storage.votes import ShownPair
+from tests.conftest import run_cli
 
 WORDS = ("cat dog sun moon tree happy little big red blue ran jumped saw the a and friend "
          "home played sang bird fish hat boat star cake").split()
@@ -68,6 +71,17 @@ def test_params_defaults_follow_the_preset_and_explicit_keys_win():
     assert (mine.max_steps, mine.learning_rate, mine.base) == (7, 1e-3, 3)
     assert mine.batch_size == PRESET_VALUES["full"]["policy"]["batch_size"]
     assert RewardParams.from_dict({"max_steps": None}).max_steps == quick.max_steps  # unset form field
+    assert (quick.sources, quick.datasets, quick.score_pool) == ("human", None, False)
+
+
+def test_quick_steps_make_at_least_one_pass_up_to_the_cap():
+    quick = RewardParams.from_dict({})  # batch 4, 20 steps, cap 120
+    assert quick.steps_for(16) == quick.max_steps  # small data: the preset's steps (5 passes)
+    assert quick.steps_for(400) == 100  # one pass over 400 pairs, more than the preset's 20
+    assert quick.steps_for(10_000) == STEP_CAPS["quick"]["policy"]
+    assert RewardParams.from_dict({"backbone": "minilm"}).steps_for(10_000) == STEP_CAPS["quick"]["minilm"]
+    assert RewardParams.from_dict({"max_steps": 3}).steps_for(400) == 3  # an explicit budget is kept
+    assert "explicit" not in quick.to_dict()
 
 
 @pytest.mark.parametrize("params, message", [
@@ -84,6 +98,11 @@ def test_params_defaults_follow_the_preset_and_explicit_keys_win():
     ({"max_length": 8}, "max_length must be between"),
     ({"train_layers": -2}, "train_layers must be between"),
     ({"base": "first"}, "base must be a whole number"),
+    ({"sources": "weak"}, "sources must be one of human, import, both"),
+    ({"datasets": "foxes"}, "datasets selects imported data sets: set sources to import or both"),
+    ({"sources": "import", "datasets": "no spaces"}, "datasets: 'no spaces'"),
+    ({"sources": "both", "datasets": " , "}, "datasets: name at least one"),
+    ({"score_pool": "yes"}, "score_pool must be true or false"),
 ])
 def test_params_reject_bad_values_clearly(params, message):
     with pytest.raises(ValueError, match=message):
@@ -151,21 +170,21 @@ def test_reward_model_learns_longer_is_better_and_predicts_live_votes(arena_dir)
     policy_x, policy_y = _vote_longer(store)
     jobs_before = len(jobs.list_jobs(db, limit=100))
 
-    job = run_inline(settings, "reward", {"base": policy_x, **TINY_PARAMS})
+    job = run_inline(settings, "reward", {"base": policy_x, **TINY_PARAMS, "score_pool": True})
     assert job["status"] == "succeeded", job["error"]
     record = models.get_model(db, job["result_model_id"])
     assert (record.kind, record.parent_id, record.active) == ("reward", policy_x, False)
     m = record.metrics
     assert m["steps"] == TINY_PARAMS["max_steps"] and m["votes_used"] == PAIRS
-    assert m["eval_pairs"] > 0 and m["train_pairs"] + m["eval_pairs"] == PAIRS
-    assert m["train_accuracy"] >= 0.9, m
-    assert m["eval_accuracy"] >= 0.75, m
-    assert job["metrics"]["eval_accuracy"] == m["eval_accuracy"]
+    assert m["heldout"]["pairs"] > 0 and m["train_pairs"] + m["heldout"]["pairs"] == PAIRS
+    assert m["heldout"]["accuracy"] >= 0.75, m
+    assert m["epochs"] == round(TINY_PARAMS["max_steps"] * TINY_PARAMS["batch_size"] / m["train_pairs"], 2)
+    assert job["metrics"]["heldout"] == m["heldout"]
     # a reward model is no story policy: no pool job was queued for it
     assert len(jobs.list_jobs(db, limit=100)) == jobs_before + 1
     assert not list(settings.models_dir.glob(f"reward-job{job['id']}/checkpoint-*"))
 
-    # the whole pool was scored
+    # the whole pool was scored, as asked
     pool = db["completions"].count
     assert m["pool_scored"] == pool == len(scores.scores_for(db, record.id))
 
@@ -205,7 +224,8 @@ def test_reward_model_learns_longer_is_better_and_predicts_live_votes(arena_dir)
 
     # a re-run of the same job (re-queued after a crash) reuses the registered model
     jobs.update_job(db, job["id"], status="running")
-    again = train(settings, "reward", {"base": policy_x, **TINY_PARAMS}, JobProgress(settings, job["id"]))
+    again = train(settings, "reward", {"base": policy_x, **TINY_PARAMS, "score_pool": True},
+                  JobProgress(settings, job["id"]))
     assert again.id == record.id and len([x for x in models.list_models(db) if x.kind == "reward"]) == 1
 
 
@@ -234,7 +254,67 @@ def test_minilm_backbone_trains_and_scores(arena_dir):
     record = models.get_model(store.db, job["result_model_id"])
     assert (record.parent_id, record.active, record.metrics["backbone"]) == (None, False, "minilm")
     assert record.metrics["steps"] == 8 and record.metrics["max_length"] == 64
-    assert record.metrics["pool_scored"] == store.db["completions"].count
+    # by default the job scores no pool story: new stories are scored as they are written
+    assert "pool_scored" not in record.metrics and scores.scores_for(store.db, record.id) == {}
     scorer = load_reward_scorer(record, "cpu")
     values = scorer(["A story about a cat."] * 2, ["The cat sat.", "The cat ran home and sang a song."])
     assert len(values) == 2 and all(isinstance(v, float) for v in values)
+
+
+# --- honest numbers: the held-out block, from the CLI to the model card ------------------------
+
+def test_cli_reward_job_reports_the_length_baseline_on_prompts_it_never_saw(arena_dir):
+    """Votes where length alone predicts the label: the held-out report names "longer story
+    wins" (1.0) as the baseline to beat, on prompts disjoint from the training prompts."""
+    settings, store = arena_dir
+    policy_x, _ = _vote_longer(store)
+    sets = [a for key, value in TINY_PARAMS.items() for a in ("--set", f"{key}={value}")]
+    proc = run_cli("train", "reward", "--data-dir", str(settings.data_dir), "--base", str(policy_x), *sets,
+                   "--json", "--starter", "tiny", "--device", "cpu", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["status"] == "succeeded", result["error"]
+    held = result["metrics"]["heldout"]
+    assert held["best_baseline"] == {"name": "longer story wins", "accuracy": 1.0}
+    assert held["baselines"]["shorter story wins"] == 0.0
+    low, high = held["ci95"]
+    assert 0.0 <= low <= held["accuracy"] <= high <= 1.0 and low < high
+    assert held["verdict"] == NOT_ABOVE and "does not beat" in held["summary"]  # nothing beats 1.0
+    train_records, held_out, _ = preference_data(store, eval_fraction=RewardParams.from_dict({}).eval_fraction)
+    seen = {normalised_prompt(r["prompt"]) for r in train_records}
+    unseen = {normalised_prompt(r["prompt"]) for r in held_out}
+    assert not seen & unseen and (held["pairs"], held["prompts"]) == (len(held_out), len(unseen))
+    for key in ("eval_accuracy", "train_accuracy", "eval_pairs"):  # one held-out number, not two
+        assert key not in result["metrics"]
+    # The model card says the same (the Jobs tab reads the job's metrics, which are these).
+    record = models.get_model(store.db, result["model_id"])
+    assert record.metrics["heldout"] == held
+    card = hub.model_card(store, settings, record, "arena/rm").text
+    assert heldout_markdown(held) in card and 'does not beat the best trivial baseline, "longer story wins"' in card
+
+
+def test_reward_job_trains_on_imported_pairs_only(arena_dir):
+    settings, store = arena_dir
+    db = store.db
+    rng = random.Random(3)
+
+    def pairs(animal: str, n: int) -> list[tuple[str, dict]]:
+        return [(f"line {i + 1}", {"prompt": f"Tell a story about {animal} number {i}.",
+                                   "chosen": _story(rng, 30), "rejected": _story(rng, 4)}) for i in range(n)]
+
+    preferences.import_preferences(store, settings, pairs("a fox", 12), "foxes", "test")
+    preferences.import_preferences(store, settings, pairs("an owl", 10), "owls", "test")
+    with pytest.raises(ValueError, match="there are 0"):  # no human votes in this arena
+        train(settings, "reward", {"max_steps": 1}, JobProgress(settings, None))
+    params = {**TINY_PARAMS, "max_steps": 4, "sources": "import"}
+    both = run_inline(settings, "reward", params)
+    assert both["status"] == "succeeded", both["error"]
+    assert both["metrics"]["votes_used"] == 22 and both["metrics"]["heldout"]["pairs"] > 0
+    foxes = run_inline(settings, "reward", {**params, "datasets": "foxes"})
+    assert foxes["status"] == "succeeded", foxes["error"]
+    m = foxes["metrics"]
+    assert m["votes_used"] == 12 and m["params"]["sources"] == "import" and m["params"]["datasets"] == "foxes"
+    assert m["train_pairs"] + m["heldout"]["pairs"] == 12
+    assert votes.imported_datasets(db)  # the imports stay where they were
+    missing = run_inline(settings, "reward", {**params, "datasets": "hens"})
+    assert missing["status"] == "failed" and "there are 0. Sources: import (hens)." in missing["error"]

@@ -301,8 +301,8 @@ def test_reward_job_adds_weak_pairs_to_training_only(arena_dir):
     weak_total = len(weak.weak_votes_clear_of_humans(store.db, 0.8))
     assert weak_total >= 20 and 0 < m["weak_pairs_used"] < weak_total
     assert m["params"]["weak_labels"] is True and m["params"]["weak_weight"] == 0.5
-    # train and held-out accuracy are measured on human votes only
-    assert m["votes_used"] == 10 and m["train_pairs"] + m["eval_pairs"] == 10
+    # the held-out report and the training pair count are of human votes only
+    assert m["votes_used"] == 10 and m["train_pairs"] + m["heldout"]["pairs"] == 10
 
     from rlhf.reward import RewardParams
 
