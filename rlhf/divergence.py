@@ -1,9 +1,11 @@
 """How far a trained policy moved from its parent: the KL divergence on the child's own stories.
 
-One estimate for every kind and bench: the mean over story tokens of log p_child - log
-p_parent, on stories the child wrote (the "k1" estimator of KL(child || parent), as TRL
-logs for RLOO). It is unbiased for the child's distribution at temperature 1; with the
-policies' own sampling (temperature, top_p) it is the same quantity the RL kinds penalise.
+One estimate for every kind and bench: on stories the child wrote, the mean over story
+tokens of (r - 1) - log r with r = p_parent / p_child (Schulman's "k3" estimator of
+KL(child || parent), which TRL's GRPO uses: unbiased on the child's samples and never
+negative, unlike the plain log-ratio, whose noise dominates when the policies barely differ).
+Both models' logits are divided by the sampling temperature, so the distributions compared
+are the ones the stories were drawn from (top_p aside).
 """
 
 from __future__ import annotations
@@ -26,17 +28,17 @@ def _story_ids(tokenizer, prompt: str, story: str) -> tuple[list[int], int]:
     return prompt_ids + story_ids, len(prompt_ids)
 
 
-def _story_logprobs(model, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log p(token | earlier tokens) of every position after the first."""
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+def _story_logprobs(model, input_ids: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token | earlier tokens) of every position after the first, at the temperature."""
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
 def sampled_kl(child, parent, tokenizer, prompts: Sequence[str], stories: Sequence[str],
-               batch_size: int = KL_BATCH) -> float:
-    """Mean per-token KL(child || parent) estimated on the child's stories for prompts
-    (both models share the tokenizer; empty stories are left out). 0.0 when no story has
-    a token."""
+               temperature: float = 1.0, batch_size: int = KL_BATCH) -> float:
+    """Mean per-token KL(child || parent) estimated on the child's stories for prompts,
+    sampled at `temperature` (both models share the tokenizer; empty stories are left out).
+    0.0 when no story has a token."""
     if len(prompts) != len(stories):
         raise ValueError(f"{len(prompts)} prompts but {len(stories)} stories.")
     encoded = [_story_ids(tokenizer, p, s) for p, s in zip(prompts, stories) if s.strip()]
@@ -53,8 +55,9 @@ def sampled_kl(child, parent, tokenizer, prompts: Sequence[str], stories: Sequen
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 mask[row, : len(ids)] = 1
                 story[row, story_start - 1 : len(ids) - 1] = True  # positions predicting story tokens
-            difference = (_story_logprobs(child, input_ids.to(child.device), mask.to(child.device)).cpu()
-                          - _story_logprobs(parent, input_ids.to(parent.device), mask.to(parent.device)).cpu())
-            total += float(difference[story].sum())
+            log_ratio = (_story_logprobs(parent, input_ids.to(parent.device), mask.to(parent.device), temperature)
+                         - _story_logprobs(child, input_ids.to(child.device), mask.to(child.device), temperature)
+                         ).cpu()[story]
+            total += float((torch.expm1(log_ratio) - log_ratio).sum())
             tokens += int(story.sum())
     return total / tokens if tokens else 0.0

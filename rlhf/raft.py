@@ -166,7 +166,7 @@ def run(ctx: JobContext) -> JobResult:
     parent.to(device).eval()
     stories = _sample(child, tokenizer, eval_prompts, decoding, settings, EVAL_SEED)
     reward_after = statistics.fmean(scorer(eval_prompts, stories))
-    kl = sampled_kl(child, parent, tokenizer, eval_prompts, stories)
+    kl = sampled_kl(child, parent, tokenizer, eval_prompts, stories, decoding.temperature)
     metrics = {
         "prompts": len(train_texts),
         "samples": sum(r["samples"] for r in rounds),
