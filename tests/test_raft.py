@@ -104,7 +104,7 @@ def test_raft_registers_a_child_that_meets_its_parent_in_the_arena(arena_dir):
     model, tokenizer = load_causal_lm(child.path, CPU)
     parent, _ = load_causal_lm(base.path, CPU)
     assert sampled_kl(parent, parent, tokenizer, ["A cat."], ["The cat sat."]) == 0.0
-    assert sampled_kl(model, parent, tokenizer, ["A cat."], ["The cat sat."]) != 0.0
+    assert sampled_kl(model, parent, tokenizer, ["A cat."], ["The cat sat."]) > 0.0
 
 
 def test_a_flat_reward_keeps_nothing_and_fails_clearly(arena_dir, monkeypatch):
