@@ -263,6 +263,7 @@ def _fine_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learning_rat
         peft_config=lora_config(model, p.lora_r) if use_lora else None,
     )
     output = trainer.train(resume_from_checkpoint=resume)
+    tokenizer.padding_side = "left"  # as generation (and the saved tokenizer) expects
     trained = trainer.model.merge_and_unload() if use_lora else trainer.model
     return trained, {"train_loss": float(output.training_loss), "steps": trainer.state.global_step}
 
