@@ -1,19 +1,25 @@
-"""The closed loop, measured: simulated votes -> reward model -> RLOO, DPO and DPH best-of-k
--> does each new policy beat its parent under the annotators' hidden preference?
+"""The closed loop, measured: simulated votes -> reward model -> RLOO, DPO, RAFT, and
+best-of-k under the DPH head or the reward model -> does each new policy beat its parent
+under the annotators' hidden preference?
 
     python -m bench.closed_loop --quick                       # tiny starter, CI size
     python -m bench.closed_loop --starter smollm2 --work-dir DIR --prompts 48 --eval-prompts 64
+    python -m bench.closed_loop --starter smollm2 --methods raft,rm-bo4 --eval-prompts 128
 
 Every step is the product's own path, in process: `prepare` (first start), annotators of
 known accuracy voting through rlhf.arena (the functions behind the HTTP endpoints; the
-HTTP layer itself is measured by bench/voting.py), then the `reward`, `rloo`, `dpo` and
-`dph` jobs exactly as `python -m rlhf train KIND` runs them. Each child policy and its
+HTTP layer itself is measured by bench/voting.py), then the `reward`, `rloo`, `dpo`, `dph`
+and `raft` jobs exactly as `python -m rlhf train KIND` runs them; `rm-bo4` is the parent
+with best-of-4 decoding reranked by the reward model (no training), beside `dph-bo4`. Each child policy and its
 parent then write stories for held-out prompts (prompts the vote pool never covered) by the
 pool job's own generation path, best-of-k included, and the oracle judges each pair:
 win = 1, tie or both bad = 1/2. Prints JSON: per method, the child's win rate against its
 parent with a 95% interval resampled over prompts (rlhf.heldout.rate_interval: right at
 small counts too, where a bootstrap alone gives all-wins a zero-width interval), the oracle's
-mean score of both, and each job's metrics and seconds.
+mean score of both, the child's KL to its parent on its own held-out stories
+(rlhf.divergence.sampled_kl; for best-of-k policies that is the LM's drift, and
+kl_best_of_k_bound = log k - (k-1)/k bounds what the selection adds), each job's
+metrics and seconds, and a one-line summary per method on stderr.
 
 On the tiny random starter the loop shows the plumbing works end to end and how far a
 2-layer random model moves in a few steps; whether RLHF makes stories better is a question
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import random
 import shutil
 import statistics
@@ -38,15 +45,25 @@ import numpy as np
 
 from rlhf import arena
 from rlhf.heldout import rate_interval
+from rlhf.divergence import sampled_kl
+from rlhf.generate import Decoding
 from rlhf.jobs import run_inline
+from rlhf.models import load_causal_lm, resolve_device
 from rlhf.pool import fill_pool
 from rlhf.prepare import prepare
 from rlhf.prompts import SEED_PROMPTS
+from rlhf.raft import prompt_split
+from rlhf.scoring import sampling_decoding
 from rlhf.settings import Settings
+from rlhf.training import register_checkpoint
 from rlhf.simulate import Annotator, Oracle
 from storage import completions, models, prompts
 
-METHODS = ("rloo", "dpo", "dph")
+# Method -> the training kind behind it (None: a decoding of the parent, nothing trained).
+METHODS = {"rloo": "rloo", "dpo": "dpo", "dph-bo4": "dph", "rm-bo4": None, "raft": "raft"}
+TRAINED_KINDS = ("reward", "rloo", "dpo", "dph", "raft")
+BEST_OF = 4
+REAL_SIZE_VOTES = 384
 
 
 def _log(message: str) -> None:
@@ -54,14 +71,15 @@ def _log(message: str) -> None:
 
 
 def cast_votes(settings: Settings, annotators: int, votes: int, accuracy: float, oracle: Oracle, seed: int) -> dict:
-    """Each simulated annotator judges up to `votes` pairs the arena serves them."""
+    """Up to `votes` votes in all, each simulated annotator judging the pairs the arena
+    serves them (at most one per prompt) until the total is reached."""
     store = settings.store()
     rng = random.Random(seed)
     cast = agree = 0
     for i in range(annotators):
         annotator = Annotator(f"sim-{i}", accuracy)
         who = arena.sign_in(store, settings, annotator.name)
-        for _ in range(votes):
+        while cast < votes:
             view = arena.next_pair(store, who["id"], rng)
             if view is None:
                 break
@@ -79,6 +97,33 @@ def train(settings: Settings, kind: str, params: dict) -> tuple[dict, float]:
     if job["status"] != "succeeded":
         raise RuntimeError(f"the {kind} job {job['status']}: {job['error']}")
     return job, seconds
+
+
+def best_of_k_policy(settings: Settings, parent: int, reward_model: int) -> int:
+    """The parent with best-of-k decoding reranked by the reward model: nothing trained."""
+    store = settings.store()
+    record = models.get_model(store.db, parent)
+    decoding = {**sampling_decoding(record.decoding), "best_of": BEST_OF, "reranker": reward_model}
+    return register_checkpoint(store, settings, name=f"{record.name}-rm-bo{BEST_OF}", kind=record.kind,
+                               path=Path(record.path), parent=record, job_id=None, metrics={},
+                               decoding=decoding).id
+
+
+def policy_kl(settings: Settings, child: int, parent: int, eval_ids: list[int]) -> float:
+    """KL of the child's LM to its parent's on the child's held-out stories."""
+    store = settings.store()
+    device = resolve_device(settings.device)
+    record = models.get_model(store.db, child)
+    temperature = Decoding.from_dict(sampling_decoding(record.decoding)).temperature
+    child_lm, tokenizer = load_causal_lm(record.source, device)
+    parent_lm, _ = load_causal_lm(models.get_model(store.db, parent).source, device)
+    texts, stories = [], []
+    for prompt_id in eval_ids:
+        for c in completions.completions_for_prompt(store.db, prompt_id):
+            if c["model_id"] == child:
+                texts.append(prompts.get_prompt(store.db, prompt_id)["text"])
+                stories.append(c["text"])
+    return sampled_kl(child_lm, parent_lm, tokenizer, texts, stories, temperature)
 
 
 def child_policy(settings: Settings, job: dict) -> int:
@@ -117,7 +162,7 @@ def head_to_head(settings: Settings, child: int, parent: int, eval_ids: list[int
 
 def run(work_dir: Path, starter: str, pool_prompts: int, eval_prompts: int, annotators: int, votes: int,
         accuracy: float, max_new_tokens: int, steps: dict[str, int | None], oracle: Oracle,
-        device: str, seed: int, learning_rate: float | None = None) -> dict:
+        device: str, seed: int, learning_rate: float | None = None, methods: tuple[str, ...] = tuple(METHODS)) -> dict:
     if pool_prompts + eval_prompts > len(SEED_PROMPTS):
         raise ValueError(f"--prompts plus --eval-prompts must be at most {len(SEED_PROMPTS)}.")
     settings = Settings(data_dir=work_dir / "data", starter=starter, pool_prompts=pool_prompts,
@@ -138,26 +183,47 @@ def run(work_dir: Path, starter: str, pool_prompts: int, eval_prompts: int, anno
 
     eval_ids = [r["id"] for r in prompts.list_prompts(store.db)[pool_prompts:pool_prompts + eval_prompts]]
     rate = {} if learning_rate is None else {"learning_rate": learning_rate}
+    # RAFT samples on the vote pool's training-side prompts only, never on the win-rate prompts.
+    pool_texts = {r["text"] for r in prompts.list_prompts(store.db)[:pool_prompts]}
+    raft_prompts = sum(t in pool_texts for t in prompt_split(store, "all", len(SEED_PROMPTS))[0])
     method_params = {
         "rloo": {"base": parent, "reward_model": reward_model, **rate},
         "dpo": {"base": parent, **rate},
-        "dph": {"base": parent},
+        "dph": {"base": parent, "best_of": BEST_OF},
+        "raft": {"base": parent, "reward_model": reward_model, "prompts": raft_prompts, "k": BEST_OF, **rate},
     }
     report["methods"] = {}
-    for method in METHODS:
-        _log(f"training {method}")
-        job, seconds = train(settings, method, _with_steps(method_params[method], steps[method]))
-        child = child_policy(settings, job)
+    for method in methods:
+        kind = METHODS[method]
+        _log(f"running {method}")
+        if kind is None:
+            job, seconds = {"metrics": {}}, 0.0
+            child = best_of_k_policy(settings, parent, reward_model)
+        else:
+            job, seconds = train(settings, kind, _with_steps(method_params[kind], steps[kind]))
+            child = child_policy(settings, job)
         gen_started = time.perf_counter()
         fill_pool(store, settings, [parent, child], pool_prompts + eval_prompts, lambda f, m: None, seed=seed)
+        generate_seconds = time.perf_counter() - gen_started
+        best_of = models.get_model(store.db, child).decoding.get("best_of")
         report["methods"][method] = {
-            "child": child, "train_seconds": round(seconds, 1),
-            "generate_seconds": round(time.perf_counter() - gen_started, 1),
+            "child": child, "train_seconds": round(seconds, 1), "generate_seconds": round(generate_seconds, 1),
+            "minutes": round((seconds + generate_seconds) / 60, 2), "steps": job["metrics"].get("steps"),
+            "kl": round(policy_kl(settings, child, parent, eval_ids), 5),
+            **({"kl_best_of_k_bound": round(math.log(best_of) - (best_of - 1) / best_of, 4)} if best_of else {}),
             "metrics": job["metrics"], **head_to_head(settings, child, parent, eval_ids, oracle, seed),
         }
-        _log(f"{method}: win rate {report['methods'][method]['win_rate']} {report['methods'][method]['ci95']}")
+        _log(summary_line(method, report["methods"][method]))
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def summary_line(method: str, result: dict) -> str:
+    """Win rate, interval, ties, KL to the parent, steps and minutes of one method."""
+    low, high = result["ci95"]
+    steps = result["steps"] if result["steps"] is not None else "-"
+    return (f"{method:8s} win {result['win_rate']:.3f} [{low:.3f}, {high:.3f}]  ties {result['ties']}/"
+            f"{result['pairs']}  KL {result['kl']:.5f}  steps {steps}  {result['minutes']:.1f} min")
 
 
 def _with_steps(params: dict, max_steps: int | None) -> dict:
@@ -171,21 +237,26 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="where the data dir goes (default: a temporary folder, removed)")
     parser.add_argument("--prompts", type=int, default=24, help="prompts in the vote pool")
     parser.add_argument("--eval-prompts", type=int, default=48, help="held-out prompts the win rate is measured on")
-    parser.add_argument("--annotators", type=int, default=4)
-    parser.add_argument("--votes", type=int, default=24, help="votes per annotator (at most one per prompt)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods to run (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--votes", type=int,
+                        help=f"simulated votes in all (default: {REAL_SIZE_VOTES}; --quick: 128)")
+    parser.add_argument("--annotators", type=int,
+                        help="simulated annotators (default: enough for --votes at one vote per prompt each)")
     parser.add_argument("--accuracy", type=float, default=0.9)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--oracle-min-words", type=int, default=Oracle.min_words)
     parser.add_argument("--oracle-max-words", type=int, default=Oracle.max_words)
-    for kind in ("reward", *METHODS):
+    for kind in TRAINED_KINDS:
         parser.add_argument(f"--{kind}-steps", type=int, help=f"max_steps of the {kind} job (default: its quick preset)")
-    parser.add_argument("--learning-rate", type=float, help="RLOO and DPO learning rate (default: the job's own)")
+    parser.add_argument("--learning-rate", type=float, help="RLOO, DPO and RAFT learning rate (default: the job's own)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.quick:
         # A 2-layer random model writing 40 tokens: an oracle length band it can reach.
-        args.prompts, args.eval_prompts, args.votes, args.max_new_tokens = 32, 32, 32, 40
+        args.prompts, args.eval_prompts, args.max_new_tokens = 32, 32, 40
+        args.votes = args.votes or 128
         args.oracle_min_words, args.oracle_max_words = 12, 40
         args.reward_steps = args.reward_steps or 30
         args.rloo_steps = args.rloo_steps or 12
@@ -193,15 +264,21 @@ def main() -> None:
         args.dph_steps = args.dph_steps or 30
         args.learning_rate = args.learning_rate or 1e-3  # a random 2-layer model needs large steps
         args.device = "cpu"
-    steps = {kind: getattr(args, f"{kind}_steps") for kind in ("reward", *METHODS)}
+    methods = tuple(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    votes = args.votes or REAL_SIZE_VOTES
+    annotators = args.annotators or math.ceil(votes / args.prompts)
+    steps = {kind: getattr(args, f"{kind}_steps") for kind in TRAINED_KINDS}
     oracle = Oracle(min_words=args.oracle_min_words, max_words=args.oracle_max_words)
     temporary = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="closed-loop-")) if temporary else args.work_dir
     try:
         with contextlib.redirect_stdout(sys.stderr):  # trainers print logs on stdout; JSON only there
-            report = run(work_dir, args.starter, args.prompts, args.eval_prompts, args.annotators, args.votes,
+            report = run(work_dir, args.starter, args.prompts, args.eval_prompts, annotators, votes,
                          args.accuracy, args.max_new_tokens, steps, oracle, args.device, args.seed,
-                         args.learning_rate)
+                         args.learning_rate, methods)
     finally:
         if temporary:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -15,7 +15,7 @@ Benches run here (BENCHES below):
   voting      bench/voting.py      the voting path under concurrent annotators, against Gradio's floor
   generation  bench/generation.py  batched story generation against one prompt at a time
   stories     bench/stories.py     the starter policies' shares of finished, looping and cut stories
-  closed_loop bench/closed_loop.py votes -> reward -> RLOO/DPO/DPH: each child's win rate over its parent
+  closed_loop bench/closed_loop.py votes -> reward -> RLOO/DPO/DPH/RAFT: each child's win rate over its parent
   training_cost bench/training_cost.py seconds per training step and per 1k pairs, per kind
   teams       bench/teams.py       TeaMs-RL instructor against random operations at equal query budgets
   metric_agreement bench/metric_agreement.py automatic story metrics against HANNA's human ratings

@@ -32,6 +32,7 @@ from storage.models import ModelRecord
 KIND_MODULES = {
     "reward": "rlhf.reward", "dpo": "rlhf.dpo", "rloo": "rlhf.rloo", "pretrain": "rlhf.pretrain",
     "dph": "rlhf.dph", "weak": "rlhf.weak", "teams": "rlhf.teams",
+    "raft": "rlhf.raft",
 }
 MODEL_FOLDER = "model"
 

@@ -11,7 +11,7 @@ from storage.codec import dumps, loads
 
 # external: the writer of one side of an imported preference data set; it has no weights,
 # is never active, and list_models leaves it out unless asked.
-KINDS = ("starter", "pretrain", "sft", "reward", "rloo", "dpo", "dph", "hub", "local", "external")
+KINDS = ("starter", "pretrain", "sft", "reward", "rloo", "dpo", "dph", "raft", "hub", "local", "external")
 
 
 @dataclass(frozen=True)

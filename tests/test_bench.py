@@ -2,7 +2,7 @@
 
 The voting and training-cost benches take minutes (two servers; every training kind), so
 they are left to the full quick run. The closed loop runs here: it is the one end-to-end
-check that votes -> reward -> RLOO/DPO/DPH -> new policies -> stories works in one process.
+check that votes -> reward -> RLOO/DPO/DPH/RAFT -> new policies -> stories works in one process.
 """
 
 from __future__ import annotations
@@ -55,9 +55,20 @@ def test_quick_run_prints_one_json_document_with_every_part():
     loop = document["benches"]["closed_loop"]
     assert loop["starter"] == "tiny" and loop["votes"]["votes"] > 0
     assert loop["reward"]["votes_used"] > 0
-    assert set(loop["methods"]) == {"rloo", "dpo", "dph"}
+    assert set(loop["methods"]) == {"rloo", "dpo", "dph-bo4", "rm-bo4", "raft"}
     for method in loop["methods"].values():
         assert method["pairs"] == loop["eval_prompts"]
         low, high = method["ci95"]
         assert 0.0 <= low <= method["win_rate"] <= high <= 1.0
         assert method["wins"] + method["losses"] + method["ties"] == method["pairs"]
+        assert method["kl"] >= 0.0 and isinstance(method["minutes"], float)
+    # The reward-model best-of-4 policy is its parent's weights; RAFT changed them.
+    assert loop["methods"]["rm-bo4"]["kl"] == 0.0 and loop["methods"]["rm-bo4"]["kl_best_of_k_bound"] > 0
+    assert loop["methods"]["raft"]["kl"] > 0 and loop["methods"]["raft"]["steps"] > 0
+    assert loop["methods"]["raft"]["metrics"]["kept"] > 0
+
+
+def test_closed_loop_refuses_unknown_methods():
+    done = subprocess.run([sys.executable, "-m", "bench.closed_loop", "--methods", "raft,ppo"],
+                          cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--methods: unknown ppo; choose from rloo, dpo" in done.stderr

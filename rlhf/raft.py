@@ -1,0 +1,275 @@
+"""Rejection-sampling fine-tuning (RAFT, Dong et al. 2023; ReST, Gulcehre et al. 2023).
+
+The `raft` training kind (rlhf.runner: `run(ctx) -> JobResult`): a policy writes k stories
+per training prompt with its own decoding, the reward model (or a DPH head) scores them,
+and the best story of each prompt is kept when it beats the mean of its k by more than
+`margin` (a prompt whose stories all score alike teaches nothing). The policy is then
+fine-tuned on the kept stories with TRL's SFTTrainer (prompt-completion records in the
+generation format, loss on the story only). `iterations` > 1 repeats this from the new
+policy (ReST's "grow" rounds). Cheap on CPU: sampling and one supervised pass, no RL.
+
+- prompts: the training side of rlhf.heldout.split_by_prompt over the prompts of
+  `prompt_source`, in id order; the held-out side is never sampled for training, and the
+  job's evaluation (reward before / after, KL to the parent) runs there.
+- model: LoRA above LORA_THRESHOLD_PARAMS (rlhf.training.lora_and_rate), merged after each round.
+- resume: each round's samples and scores are written to the job folder before training,
+  each finished round's model is saved, and trainer checkpoints go to the job folder; a
+  re-queued job reuses them (the runner finds the last checkpoint).
+- metrics: prompts, samples, kept, mean reward of all samples vs the kept ones, train loss,
+  steps, epochs, seconds, the reward model's mean score on held-out prompts before and after,
+  and the child's KL to its parent on its own held-out stories (rlhf.divergence.sampled_kl).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+from rlhf import scoring
+from rlhf.divergence import sampled_kl
+from rlhf.generate import Decoding, generate_stories, prompt_and_story
+from rlhf.heldout import split_by_prompt
+from rlhf.models import resolve_device
+from rlhf.params import MODEL_ID_RANGE, check_fields, given_params, param
+from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
+from rlhf.training import ProgressCallback, chosen_model, load_trainable_lm, lora_and_rate, lora_config, trainer_device_args
+from storage import prompts as prompt_rows
+from storage.prompts import SOURCES
+
+MODEL_KIND = "raft"
+PROMPT_SOURCES = ("all", *SOURCES)
+HELD_OUT_FRACTION = 0.2
+EVAL_PROMPTS = 8
+EVAL_SAMPLES_PER_PROMPT = 2
+EVAL_SEED = 20240501
+
+
+@dataclass(frozen=True)
+class RaftParams:
+    """A RAFT job's parameters; every value is checked on construction."""
+
+    base: int = param(help="the policy to improve (its decoding writes the samples)", low=1, high=MODEL_ID_RANGE[1])
+    reward_model: int = param(help="the reward model (or DPH head) that picks the best of k", low=1,
+                              high=MODEL_ID_RANGE[1])
+    k: int = param(4, "stories sampled per prompt; the best one is the candidate", low=2, high=64)
+    prompts: int = param(32, "training prompts sampled per round (never the held-out ones)", low=1, high=100_000)
+    prompt_source: str = param("all", "which prompts to sample on: all, or one source", choices=PROMPT_SOURCES)
+    margin: float = param(0.0, "keep the best story only when its reward beats the mean of the k by more than this",
+                          low=0.0, high=1000.0)
+    epochs: float = param(2.0, "passes over the kept stories per round", low=0.0, high=100.0, low_open=True)
+    max_steps: int | None = param(None, "cap on optimizer steps per round (unset: epochs decide)", low=1,
+                                  high=1_000_000)
+    batch_size: int = param(4, "stories per optimizer step", low=1, high=256)
+    learning_rate: float | None = param(None, "unset: 5e-5 with LoRA, 5e-6 for all weights", low=0.0, high=1.0,
+                                        low_open=True)
+    lora: bool | None = param(None, "train a LoRA adapter (unset: for models over 50 M parameters)")
+    lora_r: int = param(8, "LoRA rank", low=1, high=256)
+    max_new_tokens: int | None = param(None, "story length while sampling (unset: the base policy's decoding)",
+                                       low=1, high=1024)
+    iterations: int = param(1, "rounds of sample, keep, fine-tune (ReST's grow steps), each from the newest policy",
+                            low=1, high=10)
+    seed: int = param(0, "random seed", low=0, high=2**32 - 1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def from_dict(cls, params: Mapping) -> RaftParams:
+        """The explicit keys over the defaults; unknown keys are an error, None means unset."""
+        given = given_params("RAFT", params, [f.name for f in fields(cls)])
+        for key, what in (("base", "base policy"), ("reward_model", "reward model (or DPH head)")):
+            if key not in given:
+                raise ValueError(f"RAFT needs {key}: the id of the {what}.")
+        return cls(**given)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_split(store, source: str, count: int) -> tuple[list[str], list[str]]:
+    """The first `count` training-side prompts of `source` (id order) and up to EVAL_PROMPTS
+    held-out ones, split by prompt so neither side's prompts reach the other."""
+    rows = prompt_rows.list_prompts(store.db, sources=None if source == "all" else [source])
+    train, held_out = split_by_prompt([{"prompt": r["text"]} for r in rows], HELD_OUT_FRACTION)
+    if not train:
+        raise ValueError(f"RAFT needs {source} prompts to sample on and there are none; add prompts first.")
+    return [r["prompt"] for r in train[:count]], [r["prompt"] for r in held_out[:EVAL_PROMPTS]]
+
+
+def winners(prompts: list[str], stories: list[str], rewards: list[float], k: int, margin: float) -> list[dict]:
+    """Per prompt (k consecutive samples each), its best story when that beats the mean
+    reward of the k by more than margin, as {prompt, story, reward}."""
+    kept = []
+    for i in range(0, len(stories), k):
+        group = rewards[i:i + k]
+        best = max(range(len(group)), key=group.__getitem__)
+        if group[best] - statistics.fmean(group) > margin:
+            kept.append({"prompt": prompts[i], "story": stories[i + best], "reward": group[best]})
+    return kept
+
+
+def run(ctx: JobContext) -> JobResult:
+    """Sample, keep the best of k, fine-tune; `iterations` times; then measure on held-out prompts."""
+    p, store, settings, progress = ctx.params, ctx.store, ctx.settings, ctx.progress
+    base = chosen_model(store, p.base, "base policy")
+    reward_record = chosen_model(store, p.reward_model, "reward model", reward=True)
+    train_texts, eval_texts = prompt_split(store, p.prompt_source, p.prompts)
+    device = resolve_device(settings.device)
+    decoding = Decoding.from_dict({
+        "max_new_tokens": settings.max_new_tokens, **scoring.sampling_decoding(base.decoding),
+        **({"max_new_tokens": p.max_new_tokens} if p.max_new_tokens is not None else {}),
+    })
+    started = time.perf_counter()
+    progress(0.0, f"loading {base.name} and the reward model {reward_record.name}")
+    model, tokenizer = load_trainable_lm(base.source, settings.hub_token, padding_side="left")
+    use_lora, learning_rate = lora_and_rate(model, p.lora, p.learning_rate)
+    scorer = scoring.load_reward_scorer(reward_record, device)
+    model.to(device)
+    eval_prompts = [t for t in eval_texts for _ in range(EVAL_SAMPLES_PER_PROMPT)]
+    reward_before = statistics.fmean(scorer(eval_prompts, _sample(model, tokenizer, eval_prompts, decoding,
+                                                                  settings, EVAL_SEED)))
+    rounds, resume = [], ctx.resume_from  # a checkpoint belongs to the first round not yet recorded
+    for number in range(1, p.iterations + 1):
+        record_file = ctx.output_dir / f"round-{number}.json"
+        if record_file.is_file():  # finished by an earlier run of this job
+            rounds.append(json.loads(record_file.read_text(encoding="utf-8")))
+            continue
+        if rounds:
+            model, _ = load_trainable_lm(str(ctx.output_dir / f"round-{number - 1}"), settings.hub_token)
+            model.to(device)
+        share = 0.85 / p.iterations
+        start = 0.05 + share * (number - 1)
+        kept, summary = _keep_winners(ctx, model, tokenizer, scorer, train_texts, decoding, number, start)
+        progress(start + share * 0.3, f"round {number}: fine-tuning on {len(kept)} of {len(train_texts)} prompts")
+        trained, training = _fine_tune(ctx, model, tokenizer, kept, learning_rate, use_lora, start + share * 0.3,
+                                       share * 0.7, resume)
+        resume = None
+        ctx.save_model(model_writer(trained, tokenizer), f"round-{number}")
+        rounds.append({**summary, **training})
+        record_file.write_text(json.dumps(rounds[-1]), encoding="utf-8")
+        for old in [*ctx.output_dir.glob("checkpoint-*"), ctx.output_dir / f"round-{number - 1}"]:
+            shutil.rmtree(old, ignore_errors=True)  # the saved round replaces them
+        del model, trained
+        gc.collect()
+
+    policy_dir = ctx.output_dir / f"round-{p.iterations}"
+    progress(0.92, f"measuring the new policy on {len(eval_texts)} held-out prompts")
+    child, _ = load_trainable_lm(str(policy_dir), settings.hub_token)
+    parent, _ = load_trainable_lm(base.source, settings.hub_token)
+    child.to(device).eval()
+    parent.to(device).eval()
+    stories = _sample(child, tokenizer, eval_prompts, decoding, settings, EVAL_SEED)
+    reward_after = statistics.fmean(scorer(eval_prompts, stories))
+    kl = sampled_kl(child, parent, tokenizer, eval_prompts, stories, decoding.temperature)
+    metrics = {
+        "prompts": len(train_texts),
+        "samples": sum(r["samples"] for r in rounds),
+        "kept": sum(r["kept"] for r in rounds),
+        "reward_mean_samples": statistics.fmean(r["reward_mean_samples"] for r in rounds),
+        "reward_mean_kept": statistics.fmean(r["reward_mean_kept"] for r in rounds),
+        "train_loss": rounds[-1]["train_loss"],
+        "steps": sum(r["steps"] for r in rounds),
+        "epochs": p.epochs,
+        "iterations": p.iterations,
+        "seconds": round(time.perf_counter() - started, 1),
+        "eval_prompts": len(eval_texts),
+        "reward_before": reward_before,
+        "reward_after": reward_after,
+        "reward_gain": reward_after - reward_before,
+        "kl": kl,
+        "k": p.k,
+        "margin": p.margin,
+        "reward_model": reward_record.id,
+        "reward_model_name": reward_record.name,
+        "learning_rate": learning_rate,
+        "lora": use_lora,
+        **({"lora_r": p.lora_r} if use_lora else {}),
+        "max_new_tokens": decoding.max_new_tokens,
+    }
+    progress(0.98, f"reward {reward_before:.3f} -> {reward_after:.3f}, KL {kl:.4f}")
+    return JobResult(models=[ModelSpec(
+        name=f"{base.name}-raft", kind=MODEL_KIND, path=policy_dir, parent=base, metrics=metrics,
+    )])
+
+
+def _sample(model, tokenizer, prompts: list[str], decoding: Decoding, settings, seed: int) -> list[str]:
+    model.eval()
+    tokenizer.padding_side = "left"  # batched generation pads on the left
+    return [s.text for s in generate_stories(model, tokenizer, prompts, decoding,
+                                             batch_size=settings.generation_batch_size, seed=seed)]
+
+
+def _keep_winners(ctx: JobContext, model, tokenizer, scorer, texts: list[str], decoding: Decoding, number: int,
+                  start: float) -> tuple[list[dict], dict]:
+    """A round's kept stories and their summary. The samples and scores are written to the
+    job folder first, so a resumed job trains on the same data its checkpoint saw."""
+    p = ctx.params
+    samples_file = ctx.output_dir / f"samples-round-{number}.json"
+    if samples_file.is_file():
+        sampled = json.loads(samples_file.read_text(encoding="utf-8"))
+    else:
+        ctx.progress(start, f"round {number}: sampling {p.k} stories for each of {len(texts)} prompts")
+        prompts = [t for t in texts for _ in range(p.k)]
+        stories = _sample(model, tokenizer, prompts, decoding, ctx.settings, p.seed + number)
+        sampled = {"prompts": prompts, "stories": stories, "rewards": [float(r) for r in scorer(prompts, stories)]}
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        samples_file.write_text(json.dumps(sampled), encoding="utf-8")
+    kept = winners(sampled["prompts"], sampled["stories"], sampled["rewards"], p.k, p.margin)
+    if not kept:
+        raise ValueError(
+            f"RAFT kept no stories in round {number}: for none of {len(texts)} prompts did the best of {p.k} "
+            f"beat their mean reward by more than margin {p.margin:g} (the reward model scores them alike); "
+            "train the reward model on more votes, raise k, or lower margin."
+        )
+    return kept, {
+        "samples": len(sampled["stories"]), "kept": len(kept),
+        "reward_mean_samples": statistics.fmean(sampled["rewards"]),
+        "reward_mean_kept": statistics.fmean(w["reward"] for w in kept),
+    }
+
+
+def _fine_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learning_rate: float, use_lora: bool,
+               start: float, share: float, resume: str | None):
+    """Supervised fine-tuning on the kept stories (loss on the story tokens only); returns
+    the trained model (LoRA merged) and the round's training figures."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    p = ctx.params
+    records = [dict(zip(("prompt", "completion"), prompt_and_story(tokenizer, w["prompt"], w["story"])))
+               for w in kept]
+    tokenizer.padding_side = "right"
+    config = SFTConfig(
+        output_dir=str(ctx.output_dir),
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps or -1,
+        per_device_train_batch_size=p.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=learning_rate,
+        completion_only_loss=True,
+        seed=p.seed,
+        save_steps=math.ceil(len(records) / p.batch_size),  # about once per epoch
+        **trainer_device_args(ctx.settings),
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
+        callbacks=[ProgressCallback(ctx.progress, start=start, share=share)],
+        peft_config=lora_config(model, p.lora_r) if use_lora else None,
+    )
+    output = trainer.train(resume_from_checkpoint=resume)
+    tokenizer.padding_side = "left"  # as generation (and the saved tokenizer) expects
+    trained = trainer.model.merge_and_unload() if use_lora else trainer.model
+    return trained, {"train_loss": float(output.training_loss), "steps": trainer.state.global_step}
+
+
+KIND = Kind(
+    name="raft", params=RaftParams, run=run, needs_base_policy=True,
+    model_params={"base": "base policy", "reward_model": "reward model"},
+    help="Rejection-sampling fine-tuning (RAFT/ReST): best of k stories under the reward model, then SFT on them.",
+)
