@@ -76,7 +76,8 @@ def load_pairs(path: Path, tokenizer, max_length: int, n_train: int, n_eval: int
 
     pairs = []
     for pair in read_pairs(path):
-        longest = max(len(encode_pair(tokenizer, pair["prompt"], pair[k], 1_000_000)[0]) for k in ("chosen", "rejected"))
+        longest = max(len(encode_pair(tokenizer, pair["prompt"], pair[k], 1_000_000)[0])
+                      for k in ("chosen", "rejected"))
         if longest <= max_length:
             pairs.append(pair)
     random.Random(seed).shuffle(pairs)
@@ -98,7 +99,8 @@ def run_dph(settings, args, source: str, mode: str, train: list[dict], held_out:
     from rlhf.training import load_trainable_lm
 
     steps = args.head_steps if mode == "head" else args.steps
-    p = DPHParams(base=1, mode=mode, max_steps=steps, batch_size=args.head_batch_size if mode == "head" else args.batch_size,
+    p = DPHParams(base=1, mode=mode, max_steps=steps,
+                  batch_size=args.head_batch_size if mode == "head" else args.batch_size,
                   learning_rate=args.head_learning_rate, lm_learning_rate=args.lm_learning_rate,
                   max_length=args.max_length, lora_r=args.lora_r)
     lm, tokenizer = load_trainable_lm(source, None)
@@ -155,7 +157,8 @@ def run_reward_model(settings, args, source: str, train: list[dict], held_out: l
     eval_prompts = [r["prompt"] for r in held_out]
     chosen = scorer(eval_prompts, [r["chosen"] for r in held_out])
     rejected = scorer(eval_prompts, [r["rejected"] for r in held_out])
-    return {"accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(held_out), "steps": trainer.state.global_step,
+    return {"accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
+            "steps": trainer.state.global_step,
             "seconds_per_step": timer.seconds_per_step(), "eval_seconds": time.perf_counter() - started}
 
 
@@ -205,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default="dph_head,dph_lora,reward_model,dpo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="CI size: tiny random GPT-2, 32/16 pairs, 2 LM steps, 50 head steps (checks it runs; the accuracies mean nothing)")
+                        help="CI size: tiny random GPT-2, 32/16 pairs, 2 LM steps, 50 head steps "
+                             "(checks it runs; the accuracies mean nothing)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.train_pairs, args.eval_pairs, args.steps, args.head_steps = "tiny", 32, 16, 2, 50
@@ -243,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "head_learning_rate", "lm_learning_rate", "lora_r", "seed")},
         "accuracy": {name: r["accuracy"] for name, r in results.items()},
         "seconds_per_step": {name: r["seconds_per_step"] for name, r in results.items()},
-        "step_cost_vs_dpo": {name: r["seconds_per_step"] / dpo_step for name, r in results.items()} if dpo_step else None,
+        "step_cost_vs_dpo": ({name: r["seconds_per_step"] / dpo_step for name, r in results.items()}
+                             if dpo_step else None),
         "details": results,
         "wall_seconds": time.perf_counter() - started,
     }

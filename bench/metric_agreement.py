@@ -102,7 +102,8 @@ def hanna_agreement(path: Path, rounds: int, reward_model: Path | None) -> dict:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     values = [story_metric_values(r["prompt"], r["story"]) for r in rows]
     if reward_model is not None:
-        for v, score in zip(values, reward_scorer(reward_model)([r["prompt"] for r in rows], [r["story"] for r in rows])):
+        for v, score in zip(values,
+                            reward_scorer(reward_model)([r["prompt"] for r in rows], [r["story"] for r in rows])):
             v[REWARD] = float(score)
     targets = {c: np.array([r[c] for r in rows], dtype=float) for c in HANNA_CRITERIA}
     table = metric_table(values, targets, rounds)
@@ -139,7 +140,8 @@ def app_agreement(data_dir: Path, rounds: int) -> dict:
     result = {"decided_human_votes": len(decided), "metrics": {}, "reward_models": {}}
     for name, info in STORY_METRICS.items():
         picks = [(story_values[r["completion_a"]][name], story_values[r["completion_b"]][name], r["choice"])
-                 for r in decided if name in story_values[r["completion_a"]] and name in story_values[r["completion_b"]]]
+                 for r in decided
+                 if name in story_values[r["completion_a"]] and name in story_values[r["completion_b"]]]
         result["metrics"][name] = pairwise(picks, info.higher_is_better is not False)
     reward_ids = [row[0] for row in db.execute("SELECT DISTINCT reward_model_id FROM reward_scores ORDER BY 1")]
     for reward_id in reward_ids:
@@ -154,8 +156,10 @@ def app_agreement(data_dir: Path, rounds: int) -> dict:
             f" WHERE c.id IN ({', '.join(str(int(r['completion_id'])) for r in rated)})")}
         for cid in texts:
             story_values.setdefault(cid, story_metric_values(*texts[cid]))
-        by_criterion = {c: {r["completion_id"]: r["mean"] for r in rated if r["criterion"] == c} for c in ratings.CRITERIA}
-        stories = sorted({r["completion_id"] for r in rated if all(r["completion_id"] in v for v in by_criterion.values())})
+        by_criterion = {c: {r["completion_id"]: r["mean"] for r in rated if r["criterion"] == c}
+                        for c in ratings.CRITERIA}
+        stories = sorted({r["completion_id"] for r in rated
+                          if all(r["completion_id"] in v for v in by_criterion.values())})
         if stories:
             targets = {c: np.array([by_criterion[c][s] for s in stories], dtype=float) for c in ratings.CRITERIA}
             result["ratings"] = {"stories": len(stories),
@@ -168,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hanna", type=Path, default=HANNA, help="HANNA ratings (.jsonl)")
     parser.add_argument("--data-dir", type=Path, help="an arena data dir: agreement with its human votes too")
     parser.add_argument("--reward-model", type=Path, help="a reward-model folder to score the HANNA stories with")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_ROUNDS} bootstrap rounds instead of {FULL_ROUNDS}")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_ROUNDS} bootstrap rounds instead of {FULL_ROUNDS}")
     args = parser.parse_args(argv)
     if args.data_dir is not None and not (args.data_dir / "arena.db").is_file():
         parser.error(f"--data-dir {args.data_dir} has no arena.db")

@@ -88,7 +88,8 @@ def parse_decodings(text: str, max_new_tokens: int) -> dict[str, Decoding]:
     named = {}
     for index, item in enumerate(items):
         fields = {k: v for k, v in item.items() if k != "name"}
-        named[str(item.get("name", f"decoding-{index}"))] = Decoding.from_dict({"max_new_tokens": max_new_tokens, **fields})
+        named[str(item.get("name", f"decoding-{index}"))] = Decoding.from_dict({"max_new_tokens": max_new_tokens,
+                                                                                **fields})
     return named
 
 
@@ -113,8 +114,10 @@ def main() -> None:
     parser.add_argument("--starter", choices=list(STARTER_POLICIES), default="smollm2")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help=f"the tiny starter, {QUICK_PROMPTS} prompts: seconds")
-    parser.add_argument("--work-dir", type=Path, help="keeps the converted starter between runs (default: a temporary folder)")
-    parser.add_argument("--decodings", help='JSON list of decodings to compare, e.g. [{"name": "a", "temperature": 0.7}]')
+    parser.add_argument("--work-dir", type=Path,
+                        help="keeps the converted starter between runs (default: a temporary folder)")
+    parser.add_argument("--decodings",
+                        help='JSON list of decodings to compare, e.g. [{"name": "a", "temperature": 0.7}]')
     parser.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
                         help="token budget where a decoding sets none (default: the pool's)")
     parser.add_argument("--batch-size", type=int, default=Settings.generation_batch_size)
@@ -123,7 +126,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the whole report (else one line per decoding)")
     args = parser.parse_args()
     if args.quick:
-        args.starter, args.prompts, args.max_new_tokens, args.device = "tiny", QUICK_PROMPTS, QUICK_MAX_NEW_TOKENS, "cpu"
+        args.starter, args.prompts = "tiny", QUICK_PROMPTS
+        args.max_new_tokens, args.device = QUICK_MAX_NEW_TOKENS, "cpu"
     try:
         decodings = (parse_decodings(args.decodings, args.max_new_tokens) if args.decodings
                      else starter_decodings(args.starter, args.max_new_tokens))

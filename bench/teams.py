@@ -31,8 +31,15 @@ from rlhf.encoders import MiniLMEncoder
 from rlhf.generate import Decoding
 from rlhf.prompts import SEED_PROMPTS
 from rlhf.teams import (
-    OPERATIONS, Instructor, PolicyExecutor, RandomInstructor, RuleExecutor, cluster_coverage, diversity,
-    evolve, queries_to_reach,
+    OPERATIONS,
+    Instructor,
+    PolicyExecutor,
+    RandomInstructor,
+    RuleExecutor,
+    cluster_coverage,
+    diversity,
+    evolve,
+    queries_to_reach,
 )
 
 METHODS = ("rl", "random")
@@ -94,7 +101,7 @@ def run(args) -> dict:
         reference = np.vstack([evolutions["rl"][0].embeddings] + [evolutions["random"][0].embeddings[len(initial):]])
         clusters = KMeans(n_clusters=min(args.clusters, len(reference)), n_init=4, random_state=seed).fit(reference)
         curves = {m: _coverage_curve(e, clusters, args.budget) for m, (e, _, _) in evolutions.items()}
-        for method, (evolution, instructor, seconds) in evolutions.items():
+        for method, (evolution, _, seconds) in evolutions.items():
             set_coverage, = cluster_coverage(reference, [evolution.embeddings], args.clusters, seed)
             runs.append({
                 "seed": seed, "method": method, "queries": evolution.queries, "evolved": len(evolution.evolved),

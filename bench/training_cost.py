@@ -84,7 +84,8 @@ def run(work_dir: Path, starter: str, steps: int, prompts: int, device: str) -> 
         print(f"[training-cost] {name}: {table[name]}", file=sys.stderr, flush=True)
     reward_step = table["reward"]["seconds_per_step"]
     for row in table.values():
-        row["step_over_reward"] = round(row["seconds_per_step"] / reward_step, 2) if row["seconds_per_step"] and reward_step else None
+        row["step_over_reward"] = (round(row["seconds_per_step"] / reward_step, 2)
+                                   if row["seconds_per_step"] and reward_step else None)
     return {"starter": starter, "device": device, "steps": steps, "batch": BATCH, "votes": votes, "table": table}
 
 

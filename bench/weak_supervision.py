@@ -49,10 +49,16 @@ import numpy as np
 
 from bench.hh_rlhf import read_pairs
 from rlhf.export import preference_records
-from rlhf.weak import (
-    ABSTAIN, LF_NAMES, PREFER_A, WeakParams, label_matrix, label_pool, store_weak_labels,
-)
 from rlhf.training import weak_training_pairs
+from rlhf.weak import (
+    ABSTAIN,
+    LF_NAMES,
+    PREFER_A,
+    WeakParams,
+    label_matrix,
+    label_pool,
+    store_weak_labels,
+)
 from storage import completions, models, prompts, votes
 from storage.db import Store
 from storage.votes import ShownPair
@@ -194,7 +200,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def mean_sd(values: list[float]) -> dict | None:
-    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4), "runs": values} if values else None
+    return {"mean": round(float(np.mean(values)), 4), "sd": round(float(np.std(values)), 4),
+            "runs": values} if values else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 if humans:
                     row["human_only"].append(accuracy(embed, bradley_terry_head(embed, humans, args.c), test))
                 if weak_records:
-                    row["with_weak"].append(accuracy(embed, bradley_terry_head(embed, humans + weak_records, args.c), test))
+                    row["with_weak"].append(accuracy(embed, bradley_terry_head(embed, humans + weak_records, args.c),
+                                                     test))
                 row["weak_pairs"].append(len(weak_records))
                 row["weak_accuracy"].append(weak_label_accuracy(store, truth))
                 row["label_model_on_humans"].append(labelling.report["label_model_accuracy"])

@@ -62,7 +62,6 @@ def cmd_leaderboard(settings: Settings, args) -> dict:
 
 def cmd_export(settings: Settings, args) -> dict:
     from rlhf.export import preference_records, write_jsonl
-
     from storage.votes import SOURCES
 
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
@@ -226,7 +225,8 @@ def kind_parameters_help(kind_name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rlhf", description="Story Arena: data, models and training from the command line.")
+    parser = argparse.ArgumentParser(prog="python -m rlhf",
+                                     description="Story Arena: data, models and training from the command line.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
@@ -236,17 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("init", cmd_init, "prepare the data dir: seed prompts, starter model and policies, their story pool (idempotent)")
+    command("init", cmd_init,
+            "prepare the data dir: seed prompts, starter model and policies, their story pool (idempotent)")
     command("models", cmd_models, "list policies with lineage and pool sizes")
     generate = command("generate", cmd_generate, "write a policy's missing stories for the first N prompts")
     generate.add_argument("--model", type=int, required=True, help="policy id (see `models`)")
-    generate.add_argument("--prompts", type=int, help="cover the first N prompts (default: all); stories already written are kept")
+    generate.add_argument("--prompts", type=int,
+                          help="cover the first N prompts (default: all); stories already written are kept")
     command("leaderboard", cmd_leaderboard, "Bradley-Terry standings with 95%% intervals; few votes: preliminary")
     export = command("export", cmd_export, "write human preferences as TRL-format JSON lines")
     export.add_argument("--out", type=Path, help="output file (default <data dir>/exports/preferences.jsonl)")
-    export.add_argument("--include-undecided", action="store_true", help="keep ties and both-bad votes, marked with `label`")
-    export.add_argument("--sources", default="human", help="comma-separated vote sources to export, e.g. human,import (default human)")
-    export.add_argument("--dataset", action="append", help="with source import: only this imported data set (repeatable)")
+    export.add_argument("--include-undecided", action="store_true",
+                        help="keep ties and both-bad votes, marked with `label`")
+    export.add_argument("--sources", default="human",
+                        help="comma-separated vote sources to export, e.g. human,import (default human)")
+    export.add_argument("--dataset", action="append",
+                        help="with source import: only this imported data set (repeatable)")
     train = command("train", cmd_train, "run a training job to completion (the same job the Train tab queues); "
                     "`train KIND --help` lists that kind's parameters")
     train.add_argument("kind", choices=sorted(kind_names()), help="what to train")
@@ -255,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, help="override the preset's step budget")
     train.add_argument("--preset", choices=["quick", "full"], help="step budget (default quick)")
     train.add_argument("--budget", type=int, help="expert queries a teams job may spend (teams only)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other parameter (value parsed as JSON when it can be)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="any other parameter (value parsed as JSON when it can be)")
     command("params", cmd_params, "every training kind's parameters as markdown tables (as in the README)")
     sim = command("simulate", cmd_simulate, "simulated annotators voting through a running app's HTTP API")
     sim.add_argument("--url", required=True, help="the app, e.g. http://127.0.0.1:7860/")
@@ -264,22 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--accuracy", type=float, default=0.9, help="chance of voting as the hidden oracle prefers")
     sim.add_argument("--position-bias", type=float, default=0.0, help="chance of picking A regardless")
     sim.add_argument("--seed", type=int, default=0)
-    publish = command("publish", cmd_publish, "publish the human preferences (TRL format) and a dataset card to a Hub dataset repo")
+    publish = command("publish", cmd_publish,
+                      "publish the human preferences (TRL format) and a dataset card to a Hub dataset repo")
     publish.add_argument("--repo", help="dataset repo owner/name (default --hub-dataset)")
-    push = command("push", cmd_push, "push a checkpoint and its model card (lineage, kind, data, metrics) to a Hub model repo")
+    push = command("push", cmd_push,
+                   "push a checkpoint and its model card (lineage, kind, data, metrics) to a Hub model repo")
     push.add_argument("--model", type=int, required=True, help="policy id (see `models`)")
     push.add_argument("--repo", required=True, help="model repo owner/name")
-    prompt_cmd = command("prompts", cmd_prompts, "add prompt collections (file or Hub dataset), list them, retire a prompt")
+    prompt_cmd = command("prompts", cmd_prompts,
+                         "add prompt collections (file or Hub dataset), list them, retire a prompt")
     prompt_cmd.add_argument("action", choices=["add", "list", "retire"])
-    prompt_cmd.add_argument("target", nargs="?", help="add: a .txt (a prompt a line), .csv or .jsonl file with a `prompt` column; retire: the prompt id")
-    prompt_cmd.add_argument("--collection", help="the collection's name (add: default the file or dataset name; list: only this one)")
-    prompt_cmd.add_argument("--hub-dataset-prompts", metavar="OWNER/NAME", help="add from a Hub dataset (or a local dataset folder) instead of a file")
+    prompt_cmd.add_argument("target", nargs="?",
+                            help="add: a .txt (a prompt a line), .csv or .jsonl file with a `prompt` column; "
+                                 "retire: the prompt id")
+    prompt_cmd.add_argument("--collection",
+                            help="the collection's name (add: default the file or dataset name; list: only this one)")
+    prompt_cmd.add_argument("--hub-dataset-prompts", metavar="OWNER/NAME",
+                            help="add from a Hub dataset (or a local dataset folder) instead of a file")
     prompt_cmd.add_argument("--split", default="train", help="the dataset split (default train)")
-    prompt_cmd.add_argument("--column", default="prompt", help="the dataset column holding the prompts (default prompt)")
+    prompt_cmd.add_argument("--column", default="prompt",
+                            help="the dataset column holding the prompts (default prompt)")
     prompt_cmd.add_argument("--source", choices=PROMPT_SOURCES, help="list: only prompts of this source")
-    pref_cmd = command("preferences", cmd_preferences, "import a preference data set in TRL's format (prompt/chosen/rejected), or list the imported ones")
+    pref_cmd = command("preferences", cmd_preferences,
+                       "import a preference data set in TRL's format (prompt/chosen/rejected), "
+                       "or list the imported ones")
     pref_cmd.add_argument("action", choices=["import", "list"])
-    pref_cmd.add_argument("source", nargs="?", metavar="FILE_OR_HUB_ID", help="a .jsonl file, a Hub dataset id or a local dataset folder")
+    pref_cmd.add_argument("source", nargs="?", metavar="FILE_OR_HUB_ID",
+                          help="a .jsonl file, a Hub dataset id or a local dataset folder")
     pref_cmd.add_argument("--name", help="the data set's name (training can select it)")
     pref_cmd.add_argument("--split", default="train", help="the dataset split (default train)")
     job_list = command("jobs", cmd_jobs, "list background jobs")
@@ -289,10 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     gold.add_argument("--prompt", type=int, help="prompt id (the Compare tab shows them as #id)")
     gold.add_argument("--better", help="policy (name or id) whose story is the known better one")
     gold.add_argument("--worse", help="policy (name or id) whose story is the known worse one")
-    quality = command("quality", cmd_quality, "per-annotator gold accuracy and agreement (Cohen's kappa); exclude annotators")
-    quality.add_argument("--exclude", metavar="NAME", help="leave this annotator's votes out of training data and the leaderboard")
+    quality = command("quality", cmd_quality,
+                      "per-annotator gold accuracy and agreement (Cohen's kappa); exclude annotators")
+    quality.add_argument("--exclude", metavar="NAME",
+                         help="leave this annotator's votes out of training data and the leaderboard")
     quality.add_argument("--include", metavar="NAME", help="count this annotator's votes again")
-    quality.add_argument("--exclude-below-threshold", action="store_true", help="exclude everyone under --min-gold-accuracy with at least --min-gold-votes gold votes")
+    quality.add_argument("--exclude-below-threshold", action="store_true",
+                         help="exclude everyone under --min-gold-accuracy with at least --min-gold-votes gold votes")
     return parser
 
 

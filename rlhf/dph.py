@@ -143,16 +143,17 @@ class DPHParams:
                          low=1, high=64)
     preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
     max_steps: int = param(PRESET_VALUES["quick"]["head"]["max_steps"], "optimizer steps", low=1, high=1_000_000)
-    learning_rate: float = param(PRESET_VALUES["quick"]["head"]["learning_rate"], "the head's learning rate", low=0, high=0.1,
-                                 low_open=True)
+    learning_rate: float = param(PRESET_VALUES["quick"]["head"]["learning_rate"], "the head's learning rate", low=0,
+                                 high=0.1, low_open=True)
     lm_learning_rate: float | None = param(None, "the LM's (lora/full; unset: the LoRA or full rate)", low=0,
                                            high=0.01, low_open=True)
     batch_size: int = param(PRESET_VALUES["quick"]["head"]["batch_size"], "preference pairs per step", low=1, high=1024)
-    max_length: int = param(PRESET_VALUES["quick"]["head"]["max_length"], "tokens of prompt + story", low=16, high=32_768)
-    max_train_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_train_pairs"], "training votes used at most", low=1,
-                                 high=10_000_000)
-    max_eval_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_eval_pairs"], "held-out votes evaluated at most", low=1,
-                                high=10_000_000)
+    max_length: int = param(PRESET_VALUES["quick"]["head"]["max_length"], "tokens of prompt + story", low=16,
+                            high=32_768)
+    max_train_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_train_pairs"], "training votes used at most",
+                                 low=1, high=10_000_000)
+    max_eval_pairs: int = param(PRESET_VALUES["quick"]["head"]["max_eval_pairs"], "held-out votes evaluated at most",
+                                low=1, high=10_000_000)
     lora_r: int = param(8, "LoRA rank (mode lora)", low=1, high=512)
     eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.5)
     min_pairs: int = param(8, "decided votes needed to train", low=2, high=10_000_000)

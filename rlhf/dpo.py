@@ -201,7 +201,8 @@ def preference_dataset(records: list[dict], tokenizer) -> Dataset:
     rows = []
     for r in records:
         prompt, chosen = prompt_and_story(tokenizer, r["prompt"], r["chosen"])
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": prompt_and_story(tokenizer, r["prompt"], r["rejected"])[1]})
+        rows.append({"prompt": prompt, "chosen": chosen,
+                     "rejected": prompt_and_story(tokenizer, r["prompt"], r["rejected"])[1]})
     return Dataset.from_list(rows)
 
 
@@ -305,7 +306,8 @@ def run(ctx: JobContext) -> JobResult:
         seed=0,
     )
     train_set = preference_dataset(train_records, tokenizer)
-    progress(LOAD_SHARE, f"DPO ({p.loss_type}, {'LoRA' if use_lora else 'full'}) on {len(train_records)} pairs, {steps} steps")
+    progress(LOAD_SHARE,
+             f"DPO ({p.loss_type}, {'LoRA' if use_lora else 'full'}) on {len(train_records)} pairs, {steps} steps")
     budget = TimeBudget(deadline, 60 * p.max_minutes, p.batch_size)
     with _quiet_datasets():
         trainer = DPOTrainer(

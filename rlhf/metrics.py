@@ -57,13 +57,15 @@ def measure_new_stories(store: Store, model_id: int | None = None) -> int:
     batch and the Metrics tab before every refresh.
     """
     todo = metric_rows.stories_without_metrics(store.db, model_id)
-    metric_rows.save_story_metrics(store.db, {r["id"]: story_metric_values(r["prompt"], r["text"], r["truncated"]) for r in todo})
+    metric_rows.save_story_metrics(store.db,
+                                   {r["id"]: story_metric_values(r["prompt"], r["text"], r["truncated"]) for r in todo})
     return len(todo)
 
 
 # --- held-out perplexity -------------------------------------------------------------------
 
-def corpus_perplexity(model, tokenizer, texts: Iterable[str], max_tokens: int = PERPLEXITY_MAX_TOKENS) -> tuple[float, int]:
+def corpus_perplexity(model, tokenizer, texts: Iterable[str],
+                      max_tokens: int = PERPLEXITY_MAX_TOKENS) -> tuple[float, int]:
     """(perplexity, tokens scored) of a causal LM on stories joined by <|endoftext|>."""
     from rlhf.pretrain import eval_loss, pack
 
@@ -161,7 +163,8 @@ def policy_table(store: Store) -> list[PolicyMetrics]:
     for r in metric_rows.policy_story_metric_stats(db):
         values.setdefault(r["model_id"], {})[r["metric"]] = t_interval(r["n"], r["mean"], r["mean_square"])
     for r in ratings.policy_rating_stats(db):
-        values.setdefault(r["model_id"], {})[RATING_PREFIX + r["metric"]] = t_interval(r["n"], r["mean"], r["mean_square"])
+        values.setdefault(r["model_id"], {})[RATING_PREFIX + r["metric"]] = t_interval(r["n"], r["mean"],
+                                                                                       r["mean_square"])
     for r in metric_rows.policy_reward_stats(db):
         values.setdefault(r["model_id"], {})[REWARD_PREFIX + r["reward_model"]] = t_interval(
             r["n"], r["mean"], r["mean_square"])

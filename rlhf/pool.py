@@ -58,7 +58,8 @@ def fill_pool(
                 if len(skipped) == len(policies):
                     raise ModelLoadError(f"No policy could be loaded: {'; '.join(skipped.values())}") from exc
                 continue
-            decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **sampling_decoding(policy.decoding)})
+            decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens,
+                                           **sampling_decoding(policy.decoding)})
             texts, batch_seed = [todo[policy.id][pid] for pid in wanted], None if seed is None else seed + start
             k = policy.decoding.get("best_of")  # keep the best of k samples by the policy's reranker
             if k is None:

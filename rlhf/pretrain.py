@@ -139,7 +139,8 @@ def _check_corpus(corpus) -> dict:
     unknown = sorted(set(corpus) - {source} - CORPUS_KEYS[source])
     if unknown:
         allowed = ", ".join(sorted({source} | CORPUS_KEYS[source]))
-        raise ValueError(f"Unknown corpus key(s) for a {source} corpus: {', '.join(map(str, unknown))} (known: {allowed}).")
+        raise ValueError(f"Unknown corpus key(s) for a {source} corpus: {', '.join(map(str, unknown))} (known: "
+                         f"{allowed}).")
     value = corpus[source]
     if source == "file":
         if not isinstance(value, str | Path) or not str(value).strip():

@@ -25,7 +25,8 @@ class ImportRejected(ValueError):
         self.problems = problems
         shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
         more = f"; and {len(problems) - MAX_REPORTED_PROBLEMS} more" if len(problems) > MAX_REPORTED_PROBLEMS else ""
-        super().__init__(f"Nothing was imported: {len(problems)} bad row{'s' if len(problems) != 1 else ''}: {shown}{more}.")
+        super().__init__(f"Nothing was imported: {len(problems)} bad row{'s' if len(problems) != 1 else ''}: "
+                         f"{shown}{more}.")
 
 
 def text_problem(value, max_chars: int) -> str | None:

@@ -111,13 +111,17 @@ class RewardParams:
                           choices=BACKBONES)
     preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
     max_steps: int = param(PRESET_VALUES["quick"]["policy"]["max_steps"], "optimizer steps", low=1, high=100_000)
-    learning_rate: float = param(PRESET_VALUES["quick"]["policy"]["learning_rate"], "learning rate", low=0, high=1, low_open=True)
-    batch_size: int = param(PRESET_VALUES["quick"]["policy"]["batch_size"], "preference pairs per step", low=1, high=1024)
+    learning_rate: float = param(PRESET_VALUES["quick"]["policy"]["learning_rate"], "learning rate", low=0, high=1,
+                                 low_open=True)
+    batch_size: int = param(PRESET_VALUES["quick"]["policy"]["batch_size"], "preference pairs per step", low=1,
+                            high=1024)
     eval_fraction: float = param(0.2, "share of votes held out for evaluation", low=0, high=0.9)
     min_pairs: int = param(8, "decided votes needed to train", low=2, high=10_000_000)
     min_annotators: int = param(1, "only story pairs judged by at least this many people", low=1, high=1000)
-    max_length: int = param(PRESET_VALUES["quick"]["policy"]["max_length"], "tokens per prompt + story", low=16, high=32_768)
-    train_layers: int = param(PRESET_VALUES["quick"]["policy"]["train_layers"], "top transformer blocks trained; -1: all, 0: head and "
+    max_length: int = param(PRESET_VALUES["quick"]["policy"]["max_length"], "tokens per prompt + story", low=16,
+                            high=32_768)
+    train_layers: int = param(PRESET_VALUES["quick"]["policy"]["train_layers"],
+                              "top transformer blocks trained; -1: all, 0: head and "
                               "final norm only", low=-1, high=10_000)
     weak_labels: bool = param(False, "add the weak job's labels to the training split")
     weak_threshold: float = param(0.8, "weak labels kept at this confidence or more", low=0.5, high=1)

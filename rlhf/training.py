@@ -175,7 +175,8 @@ def register_checkpoint(
     sampling settings (not its best-of-k: that reranker belongs to the parent)."""
     record = models.add_model(
         store.db, unique_name(store, name), kind, path=str(path), parent_id=parent.id if parent else None,
-        decoding=decoding if decoding is not None else (sampling_decoding(parent.decoding) if (parent and policy) else {}),
+        decoding=(decoding if decoding is not None
+                  else (sampling_decoding(parent.decoding) if (parent and policy) else {})),
         job_id=job_id, metrics=metrics,
         active=policy,
     )

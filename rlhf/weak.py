@@ -329,7 +329,8 @@ def run(ctx: JobContext) -> JobResult:
     stored = store_weak_labels(store, labelling, p.threshold)
     metrics = {**labelling.report, "weak_labels": stored, "params": p.to_dict()}
     accuracy = metrics["label_model_accuracy"]
-    accuracy_text = f"{accuracy:.0%} on {metrics['human_pairs']} human pairs" if accuracy is not None else "no human pairs yet"
+    accuracy_text = (f"{accuracy:.0%} on {metrics['human_pairs']} human pairs" if accuracy is not None
+                     else "no human pairs yet")
     return JobResult(metrics=metrics, message=f"{stored} weak labels from {metrics['pool_pairs']} pool pairs; "
                                               f"label model {accuracy_text}")
 

@@ -24,7 +24,8 @@ def _ascii_look_alike(char: str) -> str:
     """The ASCII letter or digit `char` is confusable with (Unicode's confusables.txt), else char."""
     if char.isascii():
         return char
-    twins = sorted(h["c"] for h in confusables_data.get(char, ()) if len(h["c"]) == 1 and h["c"].isascii() and h["c"].isalnum())
+    twins = sorted(h["c"] for h in confusables_data.get(char, ())
+                   if len(h["c"]) == 1 and h["c"].isascii() and h["c"].isalnum())
     return twins[0].casefold() if twins else char
 
 

@@ -23,7 +23,8 @@ def check_queue_room(db: Database, created_by: int | None, max_queued: int) -> N
     """Refuse (ValueError) when `created_by` already has max_queued jobs waiting; 0 = no cap."""
     if not max_queued or created_by is None:
         return
-    waiting = db.execute("SELECT count(*) FROM jobs WHERE status = 'queued' AND created_by = ?", [created_by]).fetchone()[0]
+    waiting = db.execute("SELECT count(*) FROM jobs WHERE status = 'queued' AND created_by = ?",
+                         [created_by]).fetchone()[0]
     if waiting >= max_queued:
         raise ValueError(f"Too many queued jobs: at most {max_queued} waiting per researcher; "
                          "wait for one to start or cancel one.")

@@ -47,7 +47,8 @@ def list_gold_pairs(db: Database) -> list[dict]:
         f"   {PICKED_BETTER}) AS correct"
         " FROM gold_pairs g JOIN completions c ON c.id = g.better JOIN prompts p ON p.id = c.prompt_id"
         " JOIN models mb ON mb.id = c.model_id"
-        " JOIN completions cw ON cw.id = (CASE WHEN g.better = g.completion_lo THEN g.completion_hi ELSE g.completion_lo END)"
+        " JOIN completions cw ON cw.id ="
+        " (CASE WHEN g.better = g.completion_lo THEN g.completion_hi ELSE g.completion_lo END)"
         " JOIN models mw ON mw.id = cw.model_id"
         " ORDER BY g.id"
     ))
@@ -61,7 +62,8 @@ def unseen_gold_pair(db: Database, annotator_id: int) -> dict | None:
         " FROM gold_pairs g JOIN completions clo ON clo.id = g.completion_lo"
         " JOIN completions chi ON chi.id = g.completion_hi"
         " JOIN prompts p ON p.id = clo.prompt_id AND p.retired_at IS NULL AND p.blocked_reason IS NULL"
-        " WHERE clo.blocked_reason IS NULL AND chi.blocked_reason IS NULL AND NOT EXISTS (SELECT 1 FROM seen_pairs s WHERE s.annotator_id = ?"
+        " WHERE clo.blocked_reason IS NULL AND chi.blocked_reason IS NULL"
+        " AND NOT EXISTS (SELECT 1 FROM seen_pairs s WHERE s.annotator_id = ?"
         "   AND s.completion_lo = g.completion_lo AND s.completion_hi = g.completion_hi)"
         " ORDER BY random() LIMIT 1",
         [annotator_id],

@@ -227,8 +227,10 @@ def import_pairs(db: Database, dataset: str, origin: str, pairs: Sequence[Import
                     for side in ("a", "b")
                 ))
             model_a, model_b = sides[k]
-            completion_a = completions.add_completion(db, prompt_id, model_a, pair.chosen, blocked_reason=pair.blocked_chosen)
-            completion_b = completions.add_completion(db, prompt_id, model_b, pair.rejected, blocked_reason=pair.blocked_rejected)
+            completion_a = completions.add_completion(db, prompt_id, model_a, pair.chosen,
+                                                      blocked_reason=pair.blocked_chosen)
+            completion_b = completions.add_completion(db, prompt_id, model_b, pair.rejected,
+                                                      blocked_reason=pair.blocked_rejected)
             db["votes"].insert({
                 "prompt_id": prompt_id, "completion_a": completion_a, "completion_b": completion_b,
                 "model_a": model_a, "model_b": model_b, "annotator_id": None, "choice": "a",

@@ -436,10 +436,12 @@ def test_researcher_only_job_launch(app, researcher):
     assert job_count(data_dir) == jobs_before
     message = researcher.predict("reward", None, "quick", 3, '{"batch_size": 2}', None, 2, api_name="/train")
     assert "Queued job" in message
-    (job_id, params), = query(db(data_dir), "SELECT id, params FROM jobs WHERE kind = 'reward' ORDER BY id DESC LIMIT 1")
+    (job_id, params), = query(db(data_dir),
+                              "SELECT id, params FROM jobs WHERE kind = 'reward' ORDER BY id DESC LIMIT 1")
     assert json.loads(params) == {"batch_size": 2, "preset": "quick", "max_steps": 3, "min_annotators": 2}
     researcher.predict(job_id, api_name="/cancel_job")
-    wait_for(lambda: query(db(data_dir), "SELECT status FROM jobs WHERE id = ?", [job_id])[0][0] == "cancelled", 30, "the queued job to be cancelled")
+    wait_for(lambda: query(db(data_dir), "SELECT status FROM jobs WHERE id = ?", [job_id])[0][0] == "cancelled", 30,
+             "the queued job to be cancelled")
     with pytest.raises(AppError, match="JSON"):
         researcher.predict("dpo", 1, "quick", None, "{not json", None, api_name="/train")
     jobs_now = job_count(data_dir)

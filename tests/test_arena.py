@@ -40,7 +40,8 @@ def _available_pairs(store) -> int:
 
 # --- sign in -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["", "   ", None, "x" * 41, "<script>", "bob; drop", "tab\there", "new\nline", "-lead"])
+@pytest.mark.parametrize("name",
+                         ["", "   ", None, "x" * 41, "<script>", "bob; drop", "tab\there", "new\nline", "-lead"])
 def test_sign_in_rejects_bad_names(store, tmp_path, name):
     settings = tiny_settings(tmp_path)
     with pytest.raises(ArenaError):
@@ -212,13 +213,15 @@ def test_undo_restores_the_pair(arena_dir):
     restored = arena.undo_vote(store, settings, ann, last_id)
     assert restored is not None
     assert restored.pair.prompt_id == last_view.pair.prompt_id
-    assert (restored.pair.completion_a, restored.pair.completion_b) == (last_view.pair.completion_a, last_view.pair.completion_b)
+    assert (restored.pair.completion_a, restored.pair.completion_b) == (last_view.pair.completion_a,
+                                                                        last_view.pair.completion_b)
     assert (restored.story_a, restored.story_b) == (last_view.story_a, last_view.story_b)
     assert arena.vote_count(store, ann) == available - 1
     assert store.db.execute("SELECT 1 FROM votes WHERE id = ?", [last_id]).fetchone() is None
     # The pair is servable again, and only that pair.
     again = arena.next_pair(store, ann)
-    assert {again.pair.completion_a, again.pair.completion_b} == {last_view.pair.completion_a, last_view.pair.completion_b}
+    assert {again.pair.completion_a, again.pair.completion_b} == {last_view.pair.completion_a,
+                                                                  last_view.pair.completion_b}
     vote_id, new = arena.submit_vote(store, settings, ann, restored, "a")
     assert new and arena.vote_count(store, ann) == available
     assert next(store.db["votes"].rows_where("id = ?", [vote_id]))["choice"] == "a"

@@ -75,7 +75,8 @@ def test_prompt_files_of_each_format(store, tmp_path, suffix, content):
     path.write_text(content)
     result = prompt_import.import_prompts(store, settings, prompt_import.prompt_file_rows(path), "pets")
     assert result["added"] == 2
-    assert [p["text"] for p in prompts.list_prompts(store.db)] == ["Write a story about a cat.", "Write a story about a dog."]
+    assert [p["text"] for p in prompts.list_prompts(store.db)] == ["Write a story about a cat.",
+                                                                   "Write a story about a dog."]
 
 
 def test_bad_rows_are_named_by_line_and_nothing_is_stored(arena_dir, tmp_path):
@@ -148,7 +149,7 @@ def test_prompts_from_a_local_hub_format_dataset(arena_dir, tmp_path, as_parquet
         list(prompt_import.hub_prompt_rows(folder, "nosuchsplit", "text"))
 
 
-def test_cli_prompts_add_list_retire(arena_dir, tmp_path, cli_main):
+def test_cli_prompts_add_list_retire(arena_dir, tmp_path, cli_main):  # noqa: F811 (cli_main is the fixture)
     settings, _ = arena_dir
     path = tmp_path / "mine.txt"
     path.write_text("Write a story about a red kite.\nWrite a story about a red kite!\n")
@@ -226,8 +227,10 @@ PAIRS = [
     {"prompt": [{"role": "user", "content": "Write a story about an owl."}],
      "chosen": [{"role": "assistant", "content": "The owl hooted softly."}],
      "rejected": [{"role": "assistant", "content": "Owl."}]},
-    {"chosen": [{"role": "user", "content": "Tell me a tale of a hen."}, {"role": "assistant", "content": "A hen laid a golden egg."}],
-     "rejected": [{"role": "user", "content": "Tell me a tale of a hen."}, {"role": "assistant", "content": "Hen hen."}]},
+    {"chosen": [{"role": "user", "content": "Tell me a tale of a hen."},
+                {"role": "assistant", "content": "A hen laid a golden egg."}],
+     "rejected": [{"role": "user", "content": "Tell me a tale of a hen."},
+                  {"role": "assistant", "content": "Hen hen."}]},
 ]
 
 
@@ -272,7 +275,8 @@ def test_bad_preference_rows_are_named_and_nothing_is_stored(arena_dir, tmp_path
         preferences.import_preferences(store, settings, preferences.read_pairs(path), "no spaces", path)
 
 
-def test_preferences_from_a_local_hub_format_dataset_and_the_cli(arena_dir, tmp_path, cli_main):
+def test_preferences_from_a_local_hub_format_dataset_and_the_cli(arena_dir, tmp_path,
+                                                                 cli_main):  # noqa: F811 (cli_main is the fixture)
     settings, _ = arena_dir
     columns = {k: [row[k] for row in PAIRS[:2]] for k in ("prompt", "chosen", "rejected")}
     folder = save_local_dataset(tmp_path / "hub", columns, as_parquet=True)
@@ -365,7 +369,8 @@ def test_imported_pairs_are_not_weak_labelled_and_blocked_gold_pairs_are_not_ser
     assert quality_rows.unseen_gold_pair(store.db, ann) is None
 
 
-def test_cli_export_keeps_the_source_and_selects_imported_data_sets(arena_dir, tmp_path, cli_main):
+def test_cli_export_keeps_the_source_and_selects_imported_data_sets(arena_dir, tmp_path,
+                                                                    cli_main):  # noqa: F811 (cli_main is the fixture)
     settings, store = arena_dir
     for name in ("one", "two"):
         path = write_jsonl(tmp_path / f"{name}.jsonl", PAIRS[:1])

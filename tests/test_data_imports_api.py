@@ -33,7 +33,9 @@ def signed_in(url: str, name: str):
 def test_imports_themes_and_reviews_are_for_researchers_only(app, tmp_path):
     url, data_dir = app
     db = data_dir / "arena.db"
-    before = query(db, "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM votes), (SELECT count(*) FROM content_themes)")
+    before = query(db,
+                   "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM votes),"
+                   " (SELECT count(*) FROM content_themes)")
     prefs = tmp_path / "p.jsonl"
     prefs.write_text(json.dumps({"prompt": "A story.", "chosen": "Good.", "rejected": "Bad."}) + "\n")
     for client in (gradio_client.Client(url, verbose=False), signed_in(url, "Rita")):  # never signed in; an annotator
@@ -45,7 +47,9 @@ def test_imports_themes_and_reviews_are_for_researchers_only(app, tmp_path):
             client.predict("nothing", api_name="/save_themes")
         with pytest.raises(AppError, match="researcher role|Sign in"):
             client.predict(1, api_name="/confirm_report")
-    assert query(db, "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM votes), (SELECT count(*) FROM content_themes)") == before
+    assert query(db,
+                 "SELECT (SELECT count(*) FROM prompts), (SELECT count(*) FROM votes),"
+                 " (SELECT count(*) FROM content_themes)") == before
 
 
 def test_a_researcher_pastes_prompts_and_uploads_preferences(app, tmp_path):
@@ -57,7 +61,8 @@ def test_a_researcher_pastes_prompts_and_uploads_preferences(app, tmp_path):
         api_name="/add_prompts")
     assert "2 new prompts" in summary and "theme: corpse" in summary
     assert "&lt;b&gt;bold&lt;/b&gt;" in table and "<b>bold</b>" not in table
-    assert query(db, "SELECT source, collection, blocked_reason FROM prompts WHERE collection = 'pasted' ORDER BY id") == [
+    assert query(db,
+                 "SELECT source, collection, blocked_reason FROM prompts WHERE collection = 'pasted' ORDER BY id") == [
         ("user", "pasted", None), ("user", "pasted", "theme: corpse")]
     prompts_file = tmp_path / "upload.txt"
     prompts_file.write_text("Write a story about a tidy badger.\n")

@@ -26,12 +26,12 @@ from rlhf.dph import (
 )
 from rlhf.generate import Decoding, generate_stories
 from rlhf.jobs import run_inline
-from rlhf.runner import check_params, train
 from rlhf.models import load_causal_lm
 from rlhf.pool import fill_pool
 from rlhf.progress import JobProgress
-from rlhf.scoring import PreferenceHead, best_of_k, head_scorer, load_reward_scorer, sampling_decoding
 from rlhf.rloo import reward_function
+from rlhf.runner import check_params, train
+from rlhf.scoring import PreferenceHead, best_of_k, head_scorer, load_reward_scorer, sampling_decoding
 from rlhf.training import preference_data
 from storage import completions, jobs, models, prompts, scores, votes
 from storage.votes import ShownPair
@@ -64,7 +64,8 @@ def vote_kind(store, n: int = 48, seed: int = 0) -> tuple[int, int]:
         prompts.add_prompts(db, [text], source="user")
         prompt_id = db.execute("SELECT id FROM prompts WHERE text = ?", [text]).fetchone()[0]
         kind_on_x = rng.random() < 0.5
-        story_x, story_y = story(rng, KIND_WORDS if kind_on_x else GRIM_WORDS), story(rng, GRIM_WORDS if kind_on_x else KIND_WORDS)
+        story_x = story(rng, KIND_WORDS if kind_on_x else GRIM_WORDS)
+        story_y = story(rng, GRIM_WORDS if kind_on_x else KIND_WORDS)
         cx = completions.add_completion(db, prompt_id, x, story_x)
         cy = completions.add_completion(db, prompt_id, y, story_y)
         votes.record_vote(db, ShownPair(prompt_id, cx, cy, x, y, time.time()), annotator_id=None,
@@ -77,8 +78,8 @@ def vote_kind(store, n: int = 48, seed: int = 0) -> tuple[int, int]:
 @pytest.mark.parametrize("e", [0.0, 0.1, 0.3])
 def test_separable_loss_is_the_formula(e):
     expected = sum(
-        -(1 - e) * log_sigmoid(w) - e * log_sigmoid(-w) - (1 - e) * log_sigmoid(-l) - e * log_sigmoid(l)
-        for w, l in zip(R_CHOSEN.tolist(), R_REJECTED.tolist())
+        -(1 - e) * log_sigmoid(r_w) - e * log_sigmoid(-r_w) - (1 - e) * log_sigmoid(-r_l) - e * log_sigmoid(r_l)
+        for r_w, r_l in zip(R_CHOSEN.tolist(), R_REJECTED.tolist())
     ) / len(R_CHOSEN)
     assert separable_loss(R_CHOSEN, R_REJECTED, e).item() == pytest.approx(expected, rel=1e-6)
 
@@ -86,8 +87,8 @@ def test_separable_loss_is_the_formula(e):
 @pytest.mark.parametrize("e", [0.0, 0.1, 0.3])
 def test_contrastive_loss_is_the_formula(e):
     expected = sum(
-        -(1 - e) * log_sigmoid(w - l) - e * log_sigmoid(l - w)
-        for w, l in zip(R_CHOSEN.tolist(), R_REJECTED.tolist())
+        -(1 - e) * log_sigmoid(r_w - r_l) - e * log_sigmoid(r_l - r_w)
+        for r_w, r_l in zip(R_CHOSEN.tolist(), R_REJECTED.tolist())
     ) / len(R_CHOSEN)
     assert contrastive_loss(R_CHOSEN, R_REJECTED, e).item() == pytest.approx(expected, rel=1e-6)
 
@@ -101,7 +102,8 @@ def test_conservative_dpo_loss_smooths_the_dpo_margin():
     ) / 3
     assert conservative_dpo_loss(chosen_ratio, rejected_ratio, beta, e).item() == pytest.approx(expected, rel=1e-6)
     plain = conservative_dpo_loss(chosen_ratio, rejected_ratio, beta, 0.0).item()
-    assert plain == pytest.approx(-sum(log_sigmoid(beta * (c - r)) for c, r in zip([3.0, -1.0, 0.5], [1.0, 2.0, 0.5])) / 3)
+    assert plain == pytest.approx(-sum(log_sigmoid(beta * (c - r)) for c, r in zip([3.0, -1.0, 0.5],
+                                                                                   [1.0, 2.0, 0.5])) / 3)
 
 
 # --- the head ------------------------------------------------------------------------------
@@ -185,9 +187,10 @@ def test_best_of_k_keeps_the_candidate_the_score_rates_highest(prepared_dir):
     model, tokenizer = load_causal_lm(str(prepared_dir / "models" / "tiny-gpt2"), CPU)
     texts = ["A cat finds a hat.", "A dog at sea.", "The moon sings."]
     decoding = Decoding(max_new_tokens=12)
-    candidates = generate_stories(model, tokenizer, [t for t in texts for _ in range(4)], decoding, batch_size=6, seed=3)
+    candidates = generate_stories(model, tokenizer, [t for t in texts for _ in range(4)], decoding, batch_size=6,
+                                  seed=3)
     for sign in (1, -1):  # longest, then shortest
-        picked = best_of_k(model, tokenizer, texts, decoding, 4, lambda ps, ss: [sign * len(s) for s in ss],
+        picked = best_of_k(model, tokenizer, texts, decoding, 4, lambda ps, ss, sign=sign: [sign * len(s) for s in ss],
                            batch_size=6, seed=3)
         assert [s.text for s in picked] == [
             max(candidates[4 * i: 4 * i + 4], key=lambda c: sign * len(c.text)).text for i in range(3)]
@@ -210,7 +213,8 @@ def test_head_training_end_to_end(arena_dir):
     assert (policy.kind, policy.parent_id, policy.active, policy.job_id) == ("dph", base_id, True, job["id"])
     assert policy.name == f"{base.name}-dph" and policy.decoding == {**base.decoding, "best_of": 3, "reranker": "head"}
     m = policy.metrics
-    assert (m["mode"], m["objective"], m["best_of"], m["steps"], m["votes_used"]) == ("head", "contrastive", 3, 300, 128)
+    assert ((m["mode"], m["objective"], m["best_of"], m["steps"], m["votes_used"])
+            == ("head", "contrastive", 3, 300, 128))
     assert m["train_pairs"] + m["heldout"]["pairs"] == 128 and m["heldout"]["pairs"] >= 24
     assert m["train_accuracy"] >= 0.85 and m["heldout"]["accuracy"] >= 0.65, m
     assert job["metrics"]["heldout"] == m["heldout"] and m["epochs"] == round(300 * 16 / m["train_pairs"], 2)
@@ -292,12 +296,14 @@ def test_pool_of_a_dph_policy_is_the_best_of_k_by_its_head(arena_dir):
     decoding = Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **sampling_decoding(policy.decoding)})
     texts = [r["text"] for r in completions.prompts_without_completion(db, policy.id, 2)]
     repeated = [t for t in texts for _ in range(4)]
-    candidates = generate_stories(model, tokenizer, repeated, decoding, batch_size=settings.generation_batch_size, seed=5)
+    candidates = generate_stories(model, tokenizer, repeated, decoding, batch_size=settings.generation_batch_size,
+                                  seed=5)
     rewards = score(repeated, [c.text for c in candidates])
     expected = [candidates[max(range(4 * i, 4 * i + 4), key=lambda j: rewards[j])].text for i in range(len(texts))]
 
     assert fill_pool(store, settings, [policy.id], 2, lambda f, m: None, seed=5) == len(texts) == 2
-    written = list(db.query("SELECT text, gen_params FROM completions WHERE model_id = ? ORDER BY prompt_id", [policy.id]))
+    written = list(db.query("SELECT text, gen_params FROM completions WHERE model_id = ? ORDER BY prompt_id",
+                            [policy.id]))
     assert [r["text"] for r in written] == expected
     assert all(json.loads(r["gen_params"])["best_of"] == 4 for r in written)
 
@@ -341,7 +347,8 @@ def test_cli_trains_and_registers_a_head(arena_dir):
     settings, store = arena_dir
     base_id, _ = vote_kind(store, n=16)
     proc = run_cli("train", "dph", "--data-dir", str(settings.data_dir), "--base", str(base_id), "--max-steps", "30",
-                   "--set", "best_of=2", "--set", "eval_fraction=0.5", "--json", "--starter", "tiny", "--device", "cpu", timeout=180)
+                   "--set", "best_of=2", "--set", "eval_fraction=0.5", "--json", "--starter", "tiny", "--device", "cpu",
+                   timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["status"] == "succeeded", result["error"]

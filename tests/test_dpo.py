@@ -221,7 +221,8 @@ def implicit_reward_accuracy(policy_path, ref_path, records, beta: float) -> tup
 
     margins = []
     for row in preference_dataset(records, tokenizer):
-        ratio = {k: logp(policy, row["prompt"], row[k]) - logp(ref, row["prompt"], row[k]) for k in ("chosen", "rejected")}
+        ratio = {k: logp(policy, row["prompt"], row[k]) - logp(ref, row["prompt"], row[k])
+                 for k in ("chosen", "rejected")}
         margins.append(beta * (ratio["chosen"] - ratio["rejected"]))
     accuracy = sum(m > 0 for m in margins) / len(margins)
     return accuracy, sum(abs(m) < 1e-4 for m in margins)

@@ -142,7 +142,8 @@ def test_metrics_corpus_setting_is_a_checked_flag(tmp_path):
     settings = from_args(parser.parse_args(["--metrics-corpus", str(corpus)]), {})
     assert settings.metrics_corpus == corpus.resolve()
     assert from_args(parser.parse_args([]), {}).metrics_corpus is None
-    assert from_args(parser.parse_args([]), {"STORY_ARENA_METRICS_CORPUS": str(corpus)}).metrics_corpus == corpus.resolve()
+    assert from_args(parser.parse_args([]),
+                     {"STORY_ARENA_METRICS_CORPUS": str(corpus)}).metrics_corpus == corpus.resolve()
     with pytest.raises(ValueError, match="--metrics-corpus"):
         from_args(parser.parse_args(["--metrics-corpus", str(tmp_path / "missing.txt")]), {})
 
@@ -209,7 +210,8 @@ def test_agreement_bench_prints_json_for_ratings_and_app_votes(arena_dir, tmp_pa
     stories = [" ".join(["word"] * (10 + 7 * i)) + "." for i in range(8)]
     hanna = tmp_path / "hanna.jsonl"
     hanna.write_text("\n".join(json.dumps(
-        {"prompt": "A story about words.", "story": s, **{c: float(len(s.split())) for c in metric_agreement.HANNA_CRITERIA}}
+        {"prompt": "A story about words.", "story": s,
+         **{c: float(len(s.split())) for c in metric_agreement.HANNA_CRITERIA}}
     ) for s in stories))
     votes = 0
     for name in ("Ivy", "Jo", "Kit"):
@@ -217,7 +219,8 @@ def test_agreement_bench_prints_json_for_ratings_and_app_votes(arena_dir, tmp_pa
         while (view := arena.next_pair(store, who["id"], random.Random(votes))) is not None and votes < 6:
             longer = "a" if len(words(view.story_a)) >= len(words(view.story_b)) else "b"
             vote_id, _ = arena.submit_vote(store, settings, who["id"], view, longer)
-            metrics.rate_vote(store, who["id"], vote_id, {side: {c: 3 + (side == longer) for c in ("coherence", "prompt_adherence", "engagement")}
+            metrics.rate_vote(store, who["id"], vote_id,
+                              {side: {c: 3 + (side == longer) for c in ("coherence", "prompt_adherence", "engagement")}
                                                            for side in "ab"})
             votes += 1
 

@@ -125,7 +125,8 @@ def test_excluding_the_flagged_annotators_removes_their_votes_from_training_and_
     # A weak label has no annotator: excluding someone must not drop it.
     pair = votes.find_unseen_pair(db, 0, 1, 2)  # annotator 0 does not exist: every pair is unseen
     weak = votes.ShownPair(pair["prompt_id"], pair["completion_x"], pair["completion_y"], 1, 2, 0.0)
-    weak_id, _ = votes.record_vote(db, weak, annotator_id=None, choice="a", client_key="weak", source="weak", confidence=0.9)
+    weak_id, _ = votes.record_vote(db, weak, annotator_id=None, choice="a", client_key="weak", source="weak",
+                                   confidence=0.9)
     assert flagged_votes and flagged_votes <= before
 
     assert quality.exclude_below_threshold(store, settings) == flagged
@@ -176,7 +177,8 @@ def test_gold_pairs_are_served_unseen_and_undo_keeps_them_gold(store, tmp_path):
     assert arena.next_pair(store, ann, gold_rate=1.0).pair.gold_id is None  # the only gold pair is seen
     assert arena.next_pair(store, arena.sign_in(store, settings, "hal")["id"]).pair.gold_id is None  # rate 0
     listed = quality_rows.list_gold_pairs(store.db)
-    assert [(g["id"], g["better_policy"], g["worse_policy"], g["votes"]) for g in listed] == [(gold_id, "good", "loopy", 1)]
+    assert ([(g["id"], g["better_policy"], g["worse_policy"], g["votes"]) for g in listed]
+            == [(gold_id, "good", "loopy", 1)])
 
 
 def test_gold_pairs_are_checked(store, tmp_path):
@@ -214,5 +216,6 @@ def test_cli_gold_and_quality(store, capsys):
     assert [g["id"] for g in run("gold", "list")["gold_pairs"]] == [added["gold_pair"]["id"]]
     assert run("gold", "add", "--prompt", str(prompt_id), "--better", "good", "--worse", "nobody")["code"] == 2
     excluded = run("quality", "--exclude", "sam")
-    assert excluded["code"] == 0 and [r["excluded"] for r in excluded["annotators"] if r["annotator"] == "sam"] == [True]
+    assert (excluded["code"] == 0
+            and [r["excluded"] for r in excluded["annotators"] if r["annotator"] == "sam"] == [True])
     assert [r["excluded"] for r in run("quality", "--include", "sam")["annotators"]] == [False]

@@ -83,7 +83,8 @@ def app(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("limits-arena")
     limits = ("--min-vote-seconds", str(MIN_VOTE_S), "--annotator-votes-per-minute", str(PER_ANNOTATOR),
               "--ip-votes-per-minute", str(PER_ADDRESS), "--gold-rate", "1")
-    with running_app(data_dir, env={"STORY_ARENA_RESEARCHERS": RESEARCHER}, extra_args=(*TINY_ARGS, *limits)) as (url, _):
+    with running_app(data_dir, env={"STORY_ARENA_RESEARCHERS": RESEARCHER},
+                     extra_args=(*TINY_ARGS, *limits)) as (url, _):
         wait_for_pool(data_dir)
         yield url, data_dir / "arena.db"
 
@@ -94,7 +95,8 @@ def signed_in(url: str, name: str):
 
 
 def votes_of(db, name: str) -> int:
-    return query(db, "SELECT count(*) FROM votes v JOIN annotators a ON a.id = v.annotator_id WHERE a.name = ?", [name])[0][0]
+    return query(db, "SELECT count(*) FROM votes v JOIN annotators a ON a.id = v.annotator_id WHERE a.name = ?",
+                 [name])[0][0]
 
 
 def read_then_vote(c, screen, endpoint: str = "/vote_a"):
@@ -127,7 +129,8 @@ def test_the_app_refuses_fast_and_over_limit_votes_and_serves_gold_pairs(app):
     with pytest.raises(AppError, match="researcher role"):
         ann.predict("Bo", api_name="/exclude_annotator")
     researcher, _ = signed_in(url, RESEARCHER)
-    prompt_id, better_text = query(db, "SELECT c.prompt_id, c.text FROM completions c JOIN models m ON m.id = c.model_id"
+    prompt_id, better_text = query(db,
+                                   "SELECT c.prompt_id, c.text FROM completions c JOIN models m ON m.id = c.model_id"
                                        " WHERE m.name = 'tiny-t0.7' ORDER BY c.prompt_id LIMIT 1")[0]
     _, gold_table, note = researcher.predict(prompt_id, "tiny-t0.7", "tiny-t1.0", api_name="/add_gold_pair")
     assert "Added gold pair" in note and "tiny-t0.7" in gold_table

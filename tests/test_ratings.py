@@ -27,11 +27,14 @@ def test_ratings_are_stored_per_story_and_criterion_and_rerating_replaces(arena_
     settings, store = arena_dir
     who, view, vote_id = _vote(store, settings, "Rae")
     pair = metrics.rubric_pair(store, who["id"], vote_id)
-    assert (pair.story_a, pair.story_b, pair.name_a, pair.name_b) == (view.story_a, view.story_b, view.name_a, view.name_b)
+    assert (pair.story_a, pair.story_b, pair.name_a, pair.name_b) == (view.story_a, view.story_b, view.name_a,
+                                                                      view.name_b)
 
-    saved = metrics.rate_vote(store, who["id"], vote_id, {"a": {"coherence": 4, "engagement": 2}, "b": {"coherence": 1}})
+    saved = metrics.rate_vote(store, who["id"], vote_id,
+                              {"a": {"coherence": 4, "engagement": 2}, "b": {"coherence": 1}})
     assert saved == 3
-    stored = {(r["completion_id"], r["criterion"]): (r["rating"], r["vote_id"]) for r in ratings.ratings_by(store.db, who["id"])}
+    stored = {(r["completion_id"], r["criterion"]): (r["rating"], r["vote_id"])
+              for r in ratings.ratings_by(store.db, who["id"])}
     assert stored == {
         (view.pair.completion_a, "coherence"): (4, vote_id),
         (view.pair.completion_a, "engagement"): (2, vote_id),

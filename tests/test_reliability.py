@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bench.app_server import TINY_ARGS, query, running_app, wait_for, wait_for_pool
-from rlhf.runner import check_params
 from rlhf.models import ModelLoadError
 from rlhf.pool import fill_pool
+from rlhf.runner import check_params
 from storage import completions, models
 from storage import jobs as job_rows
 from storage.db import Store
@@ -119,7 +119,8 @@ def test_a_pool_job_with_no_loadable_policy_fails_with_the_reason(arena_dir):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("stories.jsonl", b'{"text": "Once upon a time."}\n{"story": "no text field"}\n', "line 2 has no \"text\" field"),
+        ("stories.jsonl", b'{"text": "Once upon a time."}\n{"story": "no text field"}\n',
+         "line 2 has no \"text\" field"),
         ("stories.jsonl", b'{"text": "fine"}\nnot json\n', "line 2 is not valid JSON"),
         ("stories.txt", b"\xff\xfe\x00binary", "looks binary"),
         ("stories.txt", "Caf\u00e9".encode("latin-1"), "not UTF-8"),

@@ -77,7 +77,8 @@ def served_prompts(store, settings, name: str, tries: int = 40) -> set[int]:
 
 def test_an_imported_prompt_that_fails_is_stored_blocked_and_never_served(arena_dir):
     settings, store = arena_dir
-    result = prompt_import.import_prompts(store, settings, lines(f"{ISSUE_PROMPT}\nWrite a story about a kind tractor."),
+    result = prompt_import.import_prompts(store, settings,
+                                          lines(f"{ISSUE_PROMPT}\nWrite a story about a kind tractor."),
                                           "tractors")
     assert result["added"] == 2
     [blocked] = result["blocked"]
@@ -98,7 +99,8 @@ def test_generated_stories_that_fail_are_stored_with_the_reason_and_never_paired
     policies = models.list_models(store.db, active_only=True)
     texts = iter(["The moon smiled at the owl.", "They tripped over a corpse in the dark."])
     monkeypatch.setattr(pool, "generate_stories",
-                        lambda model, tokenizer, prompts, *args, **kwargs: [Story(next(texts), 5, 1.0) for _ in prompts])
+                        lambda model, tokenizer, prompts, *args, **kwargs: [Story(next(texts), 5, 1.0)
+                                                                            for _ in prompts])
     pool.fill_pool(store, settings, [p.id for p in policies], settings.pool_prompts, lambda f, m: None)
     stories = {c["model_id"]: c for c in store.db["completions"].rows_where("prompt_id = ?", [new_prompt])}
     assert [stories[p.id]["blocked_reason"] for p in policies] == [None, "theme: corpse"]
@@ -141,7 +143,8 @@ def test_an_evolved_prompt_that_fails_earns_no_reward_and_is_not_kept(store):
 def test_seed_prompts_are_checked_at_first_start(arena_dir):
     settings, store = arena_dir
     safety.save_themes(store, "dragon")
-    dragons = {p["id"] for p in prompts.list_prompts(store.db, sources=["seed"]) if "dragon" in p["text"].lower().split()}
+    dragons = {p["id"] for p in prompts.list_prompts(store.db, sources=["seed"])
+               if "dragon" in p["text"].lower().split()}
     assert dragons
     prepare(store, settings, lambda f, m: None)  # a restart runs the first-start path again
     blocked = {p["id"] for p in prompts.list_prompts(store.db) if p["blocked_reason"] == "theme: dragon"}

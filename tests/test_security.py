@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
 from rlhf.settings import Settings
 from storage import jobs as job_rows
 from storage.db import Store
-from bench.app_server import TINY_ARGS, execute, query, running_app, wait_for, wait_for_pool
 
 gradio_client = pytest.importorskip("gradio_client")
 AppError = pytest.importorskip("gradio_client.exceptions").AppError

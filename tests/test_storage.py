@@ -345,7 +345,8 @@ def test_finish_job_records_result(store):
     m = _policy(db, "trained")
     jobs.finish_job(db, job_id, "succeeded", result_model_id=m.id, metrics={"loss": 0.3})
     job = jobs.get_job(db, job_id)
-    assert (job["status"], job["progress"], job["result_model_id"], job["metrics"]) == ("succeeded", 1.0, m.id, {"loss": 0.3})
+    assert (job["status"], job["progress"], job["result_model_id"], job["metrics"]) == ("succeeded", 1.0, m.id,
+                                                                                        {"loss": 0.3})
     with pytest.raises(ValueError):
         jobs.finish_job(db, job_id, "running")
     with pytest.raises(LookupError):

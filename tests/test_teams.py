@@ -17,8 +17,19 @@ from rlhf.jobs import job_function
 from rlhf.prompts import SEED_PROMPTS, required_words
 from rlhf.story_features import words
 from rlhf.teams import (
-    OPERATIONS, Instructor, RandomInstructor, RuleExecutor, TeamsParams, clean_answer, distinct_n, evolve, judge,
-    invalid_reason, mean_pairwise_distance, normalized, queries_to_reach,
+    OPERATIONS,
+    Instructor,
+    RandomInstructor,
+    RuleExecutor,
+    TeamsParams,
+    clean_answer,
+    distinct_n,
+    evolve,
+    invalid_reason,
+    judge,
+    mean_pairwise_distance,
+    normalized,
+    queries_to_reach,
 )
 from storage import annotators, completions, models, prompts
 from storage import jobs as job_rows
@@ -47,7 +58,8 @@ def test_rule_operations_each_change_the_prompt_their_own_way():
     out = dict(zip(OPERATIONS, ex([plain] * len(OPERATIONS), list(OPERATIONS))))
     assert ex.queries == len(OPERATIONS)
     assert len(set(out.values())) == len(OPERATIONS) and plain not in out.values()
-    assert "robot" not in out["breadth"] and out["breadth"].startswith(("Write", "Once", "Tell", "Imagine", "Can", "For"))
+    assert "robot" not in out["breadth"] and out["breadth"].startswith(("Write", "Once", "Tell", "Imagine", "Can",
+                                                                        "For"))
     assert len(required_words(out["constraints"])) == 3 and out["constraints"].startswith(plain)
     for op in ("deepening", "concretizing", "reasoning", "complicate_input"):
         assert out[op].startswith(plain) and teams.OPERATION_MARKERS[op].search(out[op]), op
@@ -333,7 +345,8 @@ def test_prompts_tab_shows_lineage_escaped_and_filters_by_source(store):
     from ui.prompts import lineage_html, prompts_html
 
     prompts.add_prompts(store.db, ["Write a story about <b>bold</b> cats."])
-    child = prompts.add_evolved_prompt(store.db, "Write it as a letter <script>alert(1)</script>.", 1, "complicate_input")
+    child = prompts.add_evolved_prompt(store.db, "Write it as a letter <script>alert(1)</script>.", 1,
+                                       "complicate_input")
     grandchild = prompts.add_evolved_prompt(store.db, "Write it as a letter, in the first person, now.", child,
                                             "constraints")
     table = prompts_html(store, "teams")

@@ -13,11 +13,19 @@ import pytest
 
 from rlhf.jobs import run_inline
 from rlhf.leaderboard import standings
+from rlhf.training import weak_training_pairs
 from rlhf.weak import (
-    ABSTAIN, LF_NAMES, PREFER_A, PREFER_B, WeakParams, confident, fit_label_model, label_pool, prob_a,
+    ABSTAIN,
+    LF_NAMES,
+    PREFER_A,
+    PREFER_B,
+    WeakParams,
+    confident,
+    fit_label_model,
+    label_pool,
+    prob_a,
     votes_for_pair,
 )
-from rlhf.training import weak_training_pairs
 from storage import annotators, completions, models, prompts, votes, weak
 from storage.db import Store
 from storage.votes import ShownPair

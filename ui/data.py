@@ -20,7 +20,6 @@ from storage import quality as quality_rows
 from storage.db import Store
 from ui.common import require_researcher, row_id
 
-
 # The export reaches the browser only as the answer to the researcher's own click (the
 # handler checks the role): no file URL exists that anyone else could fetch.
 DOWNLOAD_JS = """(text) => {
@@ -57,7 +56,8 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
     by_source = gr.Dataframe(label="Votes per source", interactive=False)
     with gr.Group(visible=False) as researcher_tools:
         by_annotator = gr.Dataframe(label="Votes per annotator", interactive=False)
-        agreement = gr.Dataframe(label="Reward models vs people: on decided human votes, how often the model's prediction (stored at vote time) picked the same side",
+        agreement = gr.Dataframe(label="Reward models vs people: on decided human votes, how often the model's "
+                                       "prediction (stored at vote time) picked the same side",
                                  interactive=False)
         include_undecided = gr.Checkbox(label="Include ties and both-bad votes (marked with `label`)", value=False)
         export = gr.Button("Export preferences (JSONL, TRL format)", variant="primary")
@@ -76,7 +76,8 @@ def build_data_tab(settings: Settings, store: Store, session: gr.State):
     refresh = gr.Button("Refresh", size="sm")
 
     def counts(who):
-        sources = pd.DataFrame(votes.votes_per_source(store.db), columns=["source", "votes", "decided", "ties", "both_bad"])
+        sources = pd.DataFrame(votes.votes_per_source(store.db),
+                               columns=["source", "votes", "decided", "ties", "both_bad"])
         researcher = who and who.get("role") in ("researcher", "admin")
         annotators = pd.DataFrame(votes.votes_per_annotator(store.db) if researcher else [],
                                   columns=["annotator", "role", "votes", "ties", "both_bad"])
@@ -249,7 +250,8 @@ def build_imports_block(settings: Settings, store: Store, session: gr.State) -> 
                                                   Path(origin).name if file is not None else origin)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-        return (f"<p>Imported <b>{html.escape(done['dataset'])}</b>: {done['pairs']} pairs on {done['prompts']} prompts "
+        return (f"<p>Imported <b>{html.escape(done['dataset'])}</b>: "
+                f"{done['pairs']} pairs on {done['prompts']} prompts "
                 f"({done['blocked_texts']} texts flagged by the content check).</p>"
                 + datasets_html(votes.imported_datasets(store.db)))
 
@@ -262,7 +264,8 @@ def build_imports_block(settings: Settings, store: Store, session: gr.State) -> 
 def reports_html(rows: list[dict]) -> str:
     body = "".join(
         f"<tr><td>{r['report_id']}</td><td>{'story #' + str(r['completion_id']) if r['completion_id'] else 'prompt'}"
-        f" (prompt #{r['prompt_id']})</td><td>{r['reports']}</td><td>{html.escape(r['blocked_reason'] or 'in the arena')}</td>"
+        f" (prompt #{r['prompt_id']})</td><td>{r['reports']}</td>"
+        f"<td>{html.escape(r['blocked_reason'] or 'in the arena')}</td>"
         f"<td>{html.escape(r['text'][:300])}</td></tr>"
         for r in rows
     )

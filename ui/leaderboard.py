@@ -13,7 +13,8 @@ from rlhf.ranking import PRELIMINARY_VOTES, heatmap_figure
 from storage import models, quality, votes
 from storage.db import Store
 
-COLUMNS = ["rank", "policy", "score", "ci_low", "ci_high", "preliminary", "votes", "wins", "losses", "ties", "both_bad", "kind", "parent"]
+COLUMNS = ["rank", "policy", "score", "ci_low", "ci_high", "preliminary", "votes", "wins", "losses", "ties", "both_bad",
+           "kind", "parent"]
 REFRESH_S = 10.0
 
 

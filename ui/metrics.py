@@ -11,7 +11,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from rlhf.metrics import (
-    PolicyMetrics, Summary, measure_new_stories, metric_info, metric_keys, parent_comparison, policy_table,
+    PolicyMetrics,
+    Summary,
+    measure_new_stories,
+    metric_info,
+    metric_keys,
+    parent_comparison,
+    policy_table,
 )
 from storage.db import Store
 

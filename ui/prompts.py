@@ -73,7 +73,8 @@ def import_summary(result: dict) -> str:
     blocked = "".join(f"<li>#{b['id']}: {html.escape(b['reason'])}</li>" for b in result["blocked"])
     return (f"<p>Collection <b>{html.escape(result['collection'])}</b>: {result['added']} new prompts, "
             f"{result['duplicates']} duplicates skipped; stories queued for {len(result['generate_jobs'])} "
-            f"active policies.</p>" + (f"<p>Kept out of the arena (content check):</p><ul>{blocked}</ul>" if blocked else ""))
+            f"active policies.</p>"
+            + (f"<p>Kept out of the arena (content check):</p><ul>{blocked}</ul>" if blocked else ""))
 
 
 def build_prompts_tab(settings: Settings, store: Store, session: gr.State):
