@@ -84,8 +84,8 @@ def test_a_researcher_trains_dpo_from_the_form_and_meets_the_child_in_the_arena(
     expect(form).to_be_visible()
     expect(page.locator("#train-reward")).to_be_hidden()
     expect(form).to_contain_text("strength of the pull towards the reference")  # a field's help
-    parent_id = query(db, "SELECT id FROM models WHERE name = ?", [PARENT])[0][0]
-    choose(page, form, "base: base policy", f"#{parent_id} {PARENT} (local)")
+    parent_id, parent_kind = query(db, "SELECT id, kind FROM models WHERE name = ?", [PARENT])[0]
+    choose(page, form, "base: base policy", f"#{parent_id} {PARENT} ({parent_kind})")
     for name, value in DPO_FORM.items():
         form.get_by_label(name, exact=True).fill(value)
     choose(page, form, "loss_type", "ipo")
