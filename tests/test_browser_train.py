@@ -79,7 +79,11 @@ def test_a_researcher_trains_dpo_from_the_form_and_meets_the_child_in_the_arena(
         vote(page)
 
     page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-corpus")).to_be_hidden()  # the upload is pretrain's only
+    choose(page, page.locator("#train-kind"), "Kind", "pretrain")
+    expect(page.locator("#train-corpus")).to_be_visible()
     choose(page, page.locator("#train-kind"), "Kind", "dpo")
+    expect(page.locator("#train-corpus")).to_be_hidden()
     form = page.locator("#train-dpo")
     expect(form).to_be_visible()
     expect(page.locator("#train-reward")).to_be_hidden()

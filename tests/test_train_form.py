@@ -56,8 +56,9 @@ def test_each_field_gets_an_input_with_its_range_choices_and_default(kind_name, 
             assert box.precision == (0 if base_type == "int" else None)
         else:  # text, JSON, and numbers that start unset (a number box cannot be empty)
             assert isinstance(box, gr.Textbox) and box.value == ""
-            assert box.placeholder.endswith("required" if f.default is MISSING else "empty: unset"
-                                             if f.default is None else f"default: {json.dumps(f.default)}")
+            assert box.placeholder.endswith(
+                "upload a file below" if f.name == "corpus" else "required" if f.default is MISSING
+                else "empty: unset" if f.default is None else f"default: {json.dumps(f.default)}")
 
 
 def test_the_tab_has_one_group_per_kind_and_refreshes_every_model_input(model_store, tmp_path):

@@ -83,7 +83,9 @@ def field_input(kind: Kind, f: Field, store: Store) -> gr.components.Component:
                          precision=0 if base_type == "int" else None)
     placeholder = ("required" if f.default is MISSING else "empty: unset" if default is None
                    else f"default: {json.dumps(default)}")
-    if base_type not in ("str", "int", "float"):
+    if f.name == CORPUS_FIELD:
+        placeholder = "JSON, or empty and upload a file below"
+    elif base_type not in ("str", "int", "float"):
         placeholder = f"JSON, {placeholder}"
     return gr.Textbox(value="", label=f.name, info=info, placeholder=placeholder, max_length=2000)
 
@@ -245,7 +247,8 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
                                   for f in documented_fields(declared.params))
             groups.append(group)
         corpus = gr.File(label="Corpus (.txt: stories separated by blank lines, or .jsonl with a \"text\" field)",
-                         file_types=list(UPLOAD_SUFFIXES), type="filepath", visible=takes_corpus(names[0]))
+                         file_types=list(UPLOAD_SUFFIXES), type="filepath", visible=takes_corpus(names[0]),
+                         elem_id="train-corpus")
         params_text = gr.Textbox(visible=False)
         launch = gr.Button("Queue training job", variant="primary", elem_id="queue-job")
         launched = gr.Markdown(elem_id="queued")
