@@ -430,28 +430,28 @@ def test_researcher_only_job_launch(app, researcher):
     jobs_before = job_count(data_dir)
     mallory, _ = sign_in(url, "mallory")
     with pytest.raises(AppError, match="researcher role"):
-        mallory.predict("reward", None, "quick", None, "{}", None, api_name="/train")
+        mallory.predict("reward", "{}", None, api_name="/train")
     with pytest.raises(AppError, match="researcher role"):
         mallory.predict(1, api_name="/cancel_job")
     assert job_count(data_dir) == jobs_before
-    message = researcher.predict("reward", None, "quick", 3, '{"batch_size": 2}', None, 2, api_name="/train")
+    given = {"batch_size": 2, "max_steps": 3, "min_annotators": 2}
+    message = researcher.predict("reward", json.dumps(given), None, api_name="/train")
     assert "Queued job" in message
-    (job_id, params), = query(db(data_dir),
-                              "SELECT id, params FROM jobs WHERE kind = 'reward' ORDER BY id DESC LIMIT 1")
-    assert json.loads(params) == {"batch_size": 2, "preset": "quick", "max_steps": 3, "min_annotators": 2}
+    (job_id, params), = query(db(data_dir), "SELECT id, params FROM jobs WHERE kind = 'reward' ORDER BY id DESC LIMIT 1")
+    assert json.loads(params) == given
     researcher.predict(job_id, api_name="/cancel_job")
     wait_for(lambda: query(db(data_dir), "SELECT status FROM jobs WHERE id = ?", [job_id])[0][0] == "cancelled", 30,
              "the queued job to be cancelled")
     with pytest.raises(AppError, match="JSON"):
-        researcher.predict("dpo", 1, "quick", None, "{not json", None, api_name="/train")
+        researcher.predict("dpo", "{not json", None, api_name="/train")
     jobs_now = job_count(data_dir)
     for args, message in [
-        (("dpo", 999, "quick", None, "{}", None), "No base policy with id 999"),
-        (("dpo", 1, "quick", None, '{"loss_type": "kto"}', None), "loss_type must be one of"),
-        (("rloo", 1, "quick", None, "{}", None), "RLOO needs reward_model"),
-        (("rloo", 1, "quick", None, '{"reward_model": 2}', None), "not a reward model"),
-        (("reward", "abc", "quick", None, "{}", None), "Base must be a model id"),
-        (("pretrain", None, "quick", None, "{}", None), "Choose a corpus"),
+        (("dpo", '{"base": 999}', None), "No base policy with id 999"),
+        (("dpo", '{"base": 1, "loss_type": "kto"}', None), "loss_type must be one of"),
+        (("rloo", '{"base": 1}', None), "RLOO needs reward_model"),
+        (("rloo", '{"base": 1, "reward_model": 2}', None), "not a reward model"),
+        (("reward", '{"base": "abc"}', None), "base must be a whole number"),
+        (("pretrain", "{}", None), "Choose a corpus"),
     ]:
         with pytest.raises(AppError, match=message):
             researcher.predict(*args, api_name="/train")

@@ -148,7 +148,7 @@ def test_uploads_are_capped_and_corpora_need_a_researcher(app, tmp_path):
     stories.write_text("Once upon a time.\n\nThe end.\n", encoding="utf-8")
     corpus = gradio_client.handle_file(str(stories))
     with pytest.raises(AppError, match="Sign in"):
-        client(url).predict("pretrain", None, "quick", None, "{}", corpus, 1, api_name="/train")
+        client(url).predict("pretrain", "{}", corpus, api_name="/train")
     assert count(data_dir, "jobs") == jobs_before
     assert not (data_dir / "uploads").exists()
 
@@ -202,7 +202,7 @@ def test_corpora_only_from_the_data_dir_and_errors_reveal_no_paths(app, research
                  "arena.db-wal", "jobs/job-1.log", str(Path(__file__))):
         extra = '{"corpus": {"file": "%s"}}' % path
         with pytest.raises(AppError, match="corpus file: give an uploaded file") as refused:
-            researcher.predict("pretrain", None, "quick", None, extra, None, 1, api_name="/train")
+            researcher.predict("pretrain", extra, None, api_name="/train")
         messages.add(str(refused.value))
         assert "/etc" not in str(refused.value) and str(data_dir) not in str(refused.value)
     assert len(messages) == 1, "the same refusal whether the path exists or not"

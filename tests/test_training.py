@@ -92,19 +92,6 @@ def test_lora_is_the_default_only_for_large_models():
     assert lora_and_rate(tiny_gpt2(), None, 1e-3) == (False, 1e-3)
 
 
-def test_train_form_passes_a_base_only_to_kinds_that_start_from_a_policy():
-    from ui.train import job_params
-
-    assert job_params("dpo", "3", "quick", 5, '{"beta": 0.2}', None) == {
-        "beta": 0.2, "preset": "quick", "base": 3, "max_steps": 5}
-    assert job_params("weak", 3, "quick", None, "", None, 2) == {"preset": "quick"}
-    assert job_params("dph", 3, "quick", None, "", None, 2) == {"preset": "quick", "base": 3, "min_annotators": 2}
-    assert job_params("pretrain", 3, "quick", None, "{}", "/tmp/c.txt") == {
-        "preset": "quick", "corpus": {"file": "/tmp/c.txt"}}
-    with pytest.raises(ValueError, match="Extra parameters must be a JSON object"):
-        job_params("dpo", 3, "quick", None, "[1]", None)
-
-
 def test_min_annotators_keeps_only_pairs_judged_by_enough_people(store):
     db = store.db
     writer = models.add_model(db, "writer", "local", path="/a")

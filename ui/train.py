@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+import json
 import math
 import shutil
 import time
+from dataclasses import MISSING, Field, dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -13,9 +15,9 @@ import pandas as pd
 
 from rlhf.heldout import heldout_markdown
 from rlhf.jobs import job_lane, log_path
-from rlhf.params import json_object, markdown_table
+from rlhf.params import allowed_values, documented_fields, json_object
 from rlhf.progress import read_metrics
-from rlhf.runner import check_params, get_kind, kind_names
+from rlhf.runner import Kind, check_params, get_kind, kind_names
 from rlhf.settings import Settings
 from storage import jobs as job_rows
 from storage import models
@@ -27,37 +29,117 @@ MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 LOG_TAIL_LINES = 40
 
 
-def kind_help(kind: str) -> str:
-    """What a kind does and its parameters (from its Params), for the form."""
-    declared = get_kind(kind)
-    return f"{declared.help}\n\n{markdown_table(declared.params)}"
+# The choice that leaves an optional choice (or true/false) field unset: the kind's default.
+UNSET = "(default)"
+CORPUS_FIELD = "corpus"  # a kind with this parameter gets the corpus upload
 
 
-def _model_choices(store: Store) -> list[tuple[str, int]]:
-    return [(f"#{m.id} {m.name} ({m.kind})", m.id) for m in models.list_models(store.db)]
+@dataclass(frozen=True)
+class FormField:
+    """One parameter of one kind and the form input that edits it."""
+
+    kind: str
+    field: Field
+    input: gr.components.Component
 
 
-def job_params(
-    kind: str, base: int | None, preset: str, max_steps: float | None, extra: str, corpus: str | None,
-    min_annotators: float | None = None,
-) -> dict:
-    """The job's parameters from the form (check_params validates them)."""
-    if kind not in kind_names():
-        raise ValueError(f"Choose what to train: {', '.join(kind_names())}.")
-    declared = get_kind(kind)
-    params = json_object(extra, "Extra parameters", '{"beta": 0.1}')
-    params["preset"] = preset
-    if base not in (None, "") and declared.needs_base_policy:
+def field_type(f: Field) -> tuple[str, bool]:
+    """A Params field's type without None ("int", "float", "bool", "str", "dict", ...) and
+    whether it may be None (unset)."""
+    parts = [part.strip() for part in str(f.type).split("|")]
+    return next((part for part in parts if part != "None"), "None"), "None" in parts
+
+
+def model_choices(store: Store, what: str) -> list[tuple[str, int]]:
+    """The stored models a model parameter may name: reward models for a "reward model",
+    story policies otherwise (the rule check_params applies)."""
+    reward = what == "reward model"
+    return [(f"#{m.id} {m.name} ({m.kind})", m.id) for m in models.list_models(store.db)
+            if (m.kind == "reward") == reward]
+
+
+def field_input(kind: Kind, f: Field, store: Store) -> gr.components.Component:
+    """The input for one Params field, from its metadata: a model dropdown for model ids, a
+    dropdown for choices (and optional true/false), a checkbox for true/false, a number with
+    the field's range and default, text for the rest (JSON where the value is not a string,
+    and numbers without a default: Gradio's number box cannot be empty). An input left at
+    its default is not sent, so the kind's preset decides it."""
+    meta, (base_type, optional) = f.metadata, field_type(f)
+    default = None if f.default is MISSING else f.default
+    info = f"{meta['help']} ({allowed_values(f)})"
+    if f.name in kind.model_params:
+        what = kind.model_params[f.name]
+        return gr.Dropdown(model_choices(store, what), value=None, label=f"{f.name}: {what}", info=info)
+    if meta["choices"] is not None or (base_type == "bool" and optional):
+        options = list(meta["choices"] or ("true", "false"))
+        shown = default if default is None or isinstance(default, str) else json.dumps(default)
+        if optional:
+            options, shown = [UNSET, *options], shown or UNSET
+        return gr.Dropdown(options, value=shown, label=f.name, info=info)
+    if base_type == "bool":
+        return gr.Checkbox(value=bool(default), label=f.name, info=info)
+    if base_type in ("int", "float") and default is not None:
+        return gr.Number(value=default, label=f.name, info=info, minimum=meta["low"], maximum=meta["high"],
+                         precision=0 if base_type == "int" else None)
+    placeholder = ("required" if f.default is MISSING else "empty: unset" if default is None
+                   else f"default: {json.dumps(default)}")
+    if f.name == CORPUS_FIELD:
+        placeholder = "JSON, or empty and upload a file below"
+    elif base_type not in ("str", "int", "float"):
+        placeholder = f"JSON, {placeholder}"
+    return gr.Textbox(value="", label=f.name, info=info, placeholder=placeholder, max_length=2000)
+
+
+def param_value(f: Field, value):
+    """The job parameter a form input's raw value gives, or None where the input is left at
+    its default (empty text, the default choice or number, an unchanged checkbox)."""
+    base_type, _ = field_type(f)
+    if value is None or value == "" or value == UNSET:
+        return None
+    if base_type == "bool" and isinstance(value, str):
+        value = value == "true"
+    elif base_type in ("int", "float") and isinstance(value, str):
         try:
-            params["base"] = int(base)
-        except (TypeError, ValueError):
-            raise ValueError(f"Base must be a model id, got {base!r}.") from None
-    if max_steps:
-        params[declared.steps_param] = int(max_steps)
-    if min_annotators and min_annotators > 1 and declared.learns_from_votes:
-        params["min_annotators"] = int(min_annotators)
-    if kind == "pretrain" and corpus:
-        params.setdefault("corpus", {"file": corpus})
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{f.name} must be a number, got {value!r}.") from None
+    if base_type == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif base_type == "float" and type(value) is int:  # a browser sends 1.0 as 1
+        value = float(value)
+    if f.default is not MISSING and value == f.default and type(value) is type(f.default):
+        return None
+    if base_type in ("int", "float", "bool", "str") or not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{f.name} must be JSON: {exc.msg}.") from None
+
+
+def form_params(fields: list[FormField], kind_name: str, values: list) -> dict:
+    """The chosen kind's parameters from the form's raw values (one per field, all kinds);
+    fields left at their defaults are left out. check_params validates the result."""
+    if kind_name not in kind_names():
+        raise ValueError(f"Choose what to train: {', '.join(kind_names())}.")
+    given = {form.field.name: param_value(form.field, value)
+             for form, value in zip(fields, values, strict=True) if form.kind == kind_name}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def takes_corpus(kind_name: str) -> bool:
+    return kind_name in kind_names() and CORPUS_FIELD in {f.name for f in documented_fields(get_kind(kind_name).params)}
+
+
+def queued_params(settings: Settings, kind_name: str, params_text: str, upload: str | None) -> dict:
+    """A job's parameters from the train endpoint: its JSON object, with an uploaded corpus
+    copied into the data dir, and a corpus file named in the JSON only from there."""
+    params = json_object(params_text, "Parameters", '{"base": 1, "beta": 0.1}')
+    if upload and CORPUS_FIELD not in params and takes_corpus(kind_name):
+        params[CORPUS_FIELD] = {"file": save_upload(settings, upload)}
+    corpus = params.get(CORPUS_FIELD)
+    if isinstance(corpus, dict) and "file" in corpus:
+        corpus["file"] = str(settings.data_file(corpus["file"], "corpus file"))
     return params
 
 
@@ -158,47 +240,72 @@ def training_processes_text(settings: Settings) -> str:
 
 
 def build_train_tab(settings: Settings, store: Store, session: gr.State):
-    gr.Markdown("Researchers only. Jobs run one at a time in the background; the result enters the arena by itself.")
+    """One group of inputs per kind, built from its Params (only the chosen kind's is shown);
+    queuing reads the chosen kind's inputs into a JSON object for the `train` endpoint."""
+    gr.Markdown("Researchers only. Training jobs run one at a time in the background (publishing and story "
+                "pools run beside them); the result enters the arena by itself.")
+    names = kind_names()
+    fields: list[FormField] = []
+    groups = []
     with gr.Group(visible=False) as tools:
         gr.Markdown(training_processes_text(settings))
-        kind = gr.Dropdown(label="Kind", choices=kind_names(), value="reward")
-        kind_text = gr.Markdown(kind_help("reward"))
-        # Choices are refreshed on page load; a custom value lets API clients and pages opened
-        # before a model existed name any id, which check_params then checks.
-        base = gr.Dropdown(label="Base policy / model", choices=_model_choices(store), allow_custom_value=True)
-        preset = gr.Radio(["quick", "full"], value="quick", label="Budget (quick: under 10 minutes on 2 CPU cores for the starter)")
-        max_steps = gr.Number(label="Max steps (empty: from the budget)", precision=0)
-        min_annotators = gr.Number(
-            label="Data filter for reward, DPO and DPH: only story pairs judged by at least this many annotators",
-            value=1, precision=0, minimum=1, maximum=1000,
-        )
-        extra = gr.Textbox(label="Extra parameters (JSON)", value="{}", max_length=2000,
-                           placeholder='e.g. {"loss_type": "ipo", "beta": 0.1} or {"reward_model": 3}')
-        corpus = gr.File(label="Corpus for pretrain (.txt or .jsonl)", file_types=list(UPLOAD_SUFFIXES), type="filepath")
-        launch = gr.Button("Queue training job", variant="primary")
-        launched = gr.Markdown()
+        kind = gr.Dropdown(names, value=names[0], label="Kind", elem_id="train-kind")
+        for name in names:
+            declared = get_kind(name)
+            # Columns, not Groups: a Group Gradio shows again after hiding it is drawn twice.
+            with gr.Column(visible=name == names[0], elem_id=f"train-{name}") as group:
+                gr.Markdown(declared.help)
+                with gr.Row():
+                    fields.extend(FormField(name, f, field_input(declared, f, store))
+                                  for f in documented_fields(declared.params))
+            groups.append(group)
+        corpus = gr.File(label="Corpus (.txt: stories separated by blank lines, or .jsonl with a \"text\" field)",
+                         file_types=list(UPLOAD_SUFFIXES), type="filepath", visible=takes_corpus(names[0]),
+                         elem_id="train-corpus")
+        params_text = gr.Textbox(visible=False)
+        launch = gr.Button("Queue training job", variant="primary", elem_id="queue-job")
+        launched = gr.Markdown(elem_id="queued")
 
-    def launch_job(who, kind_value, base_value, preset_value, steps, extra_text, upload, judges):
+    def read_form(kind_name, *values):
+        """The chosen kind's inputs as the JSON the train endpoint takes (raw values: every
+        range is checked on the server, with the field's name in the message)."""
+        try:
+            return json.dumps(form_params(fields, kind_name, list(values)))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+
+    def queue_job(who, kind_name, params_json, upload):
+        """Queue a training job (researchers only).
+
+        Args:
+            kind_name: the kind to train (`python -m rlhf params` lists each kind's parameters).
+            params_json: the job's parameters as a JSON object, e.g. {"base": 1, "beta": 0.1};
+                unset keys take the kind's defaults and its preset's budget.
+            upload: a corpus file (.txt or .jsonl) for kinds with a corpus parameter (pretrain).
+        """
         who = require_researcher(who)
         try:
-            corpus_path = save_upload(settings, upload) if kind_value == "pretrain" else None
-            params = job_params(kind_value, base_value, preset_value, steps, extra_text, corpus_path, judges)
-            if isinstance(params.get("corpus"), dict) and "file" in params["corpus"]:
-                params["corpus"]["file"] = str(settings.data_file(params["corpus"]["file"], "corpus file"))
-            check_params(store, kind_value, params)
+            params = queued_params(settings, kind_name, params_json, upload)
+            check_params(store, kind_name, params)
+            job_id = job_rows.create_job(store.db, kind_name, params, who["id"], max_queued=settings.max_queued_jobs)
         except ValueError as exc:
             raise gr.Error(str(exc)) from exc
-        try:
-            job_id = job_rows.create_job(store.db, kind_value, params, who["id"], max_queued=settings.max_queued_jobs)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
-        return f"Queued job **{job_id}** ({html.escape(kind_value)}). Follow it in the Jobs tab."
+        return f"Queued job **{job_id}** ({html.escape(kind_name)}). Follow it in the Jobs tab."
 
-    kind.change(lambda k: kind_help(k) if k in kind_names() else "", kind, kind_text, api_visibility="private")
-    launch.click(
-        launch_job, [session, kind, base, preset, max_steps, extra, corpus, min_annotators], launched, api_name="train",
-    )
-    return (lambda: gr.Dropdown(choices=_model_choices(store))), base, tools
+    def show_kind(name):
+        return *[gr.Column(visible=name == n) for n in names], gr.File(visible=takes_corpus(name))
+
+    kind.change(show_kind, kind, [*groups, corpus], api_visibility="private", show_progress="hidden")
+    launch.click(read_form, [kind, *[f.input for f in fields]], params_text, api_visibility="private",
+                 preprocess=False).success(queue_job, [session, kind, params_text, corpus], launched, api_name="train")
+    model_fields = [f for f in fields if f.field.name in get_kind(f.kind).model_params]
+
+    def refresh_models():
+        """Model choices as they are now (the tab is filled on load and whenever it is opened)."""
+        return [gr.Dropdown(choices=model_choices(store, get_kind(f.kind).model_params[f.field.name]))
+                for f in model_fields]
+
+    return refresh_models, [f.input for f in model_fields], tools
 
 
 def build_jobs_tab(settings: Settings, store: Store, session: gr.State):
