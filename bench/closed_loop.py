@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 
 from rlhf import arena
-from rlhf.heldout import rate_interval
 from rlhf.divergence import sampled_kl
 from rlhf.generate import Decoding
+from rlhf.heldout import rate_interval
 from rlhf.jobs import run_inline
 from rlhf.models import load_causal_lm, resolve_device
 from rlhf.pool import fill_pool
@@ -55,8 +55,8 @@ from rlhf.prompts import SEED_PROMPTS
 from rlhf.raft import prompt_split
 from rlhf.scoring import sampling_decoding
 from rlhf.settings import Settings
-from rlhf.training import register_checkpoint
 from rlhf.simulate import Annotator, Oracle
+from rlhf.training import register_checkpoint
 from storage import completions, models, prompts
 
 # Method -> the training kind behind it (None: a decoding of the parent, nothing trained).
@@ -248,7 +248,8 @@ def main() -> None:
     parser.add_argument("--oracle-min-words", type=int, default=Oracle.min_words)
     parser.add_argument("--oracle-max-words", type=int, default=Oracle.max_words)
     for kind in TRAINED_KINDS:
-        parser.add_argument(f"--{kind}-steps", type=int, help=f"max_steps of the {kind} job (default: its quick preset)")
+        parser.add_argument(f"--{kind}-steps", type=int,
+                            help=f"max_steps of the {kind} job (default: its quick preset)")
     parser.add_argument("--learning-rate", type=float, help="RLOO, DPO and RAFT learning rate (default: the job's own)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)

@@ -71,7 +71,8 @@ def _generation_headline(report: dict) -> dict:
 
 
 def _stories_headline(report: dict) -> dict:
-    return {name: {k: row[k]["share"] for k in ("ending", "loop", "truncated")} for name, row in report["policies"].items()}
+    return {name: {k: row[k]["share"] for k in ("ending", "loop", "truncated")}
+            for name, row in report["policies"].items()}
 
 
 def _closed_loop_headline(report: dict) -> dict:

@@ -158,7 +158,8 @@ prefs = load_dataset("{repo_id}", split="train")
 - preferences: {summary['records']}
 - prompts: {summary['prompts']}
 - annotators: {summary['annotators']}
-- data snapshot: `{summary['data_hash']}` (the hash a Story Arena checkpoint's lineage records for the votes it trained on)
+- data snapshot: `{summary['data_hash']}` (the hash a Story Arena checkpoint's lineage records for the votes
+  it trained on)
 - published: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
 
 ## License

@@ -38,7 +38,14 @@ from rlhf.heldout import split_by_prompt
 from rlhf.models import resolve_device
 from rlhf.params import MODEL_ID_RANGE, check_fields, given_params, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
-from rlhf.training import ProgressCallback, chosen_model, load_trainable_lm, lora_and_rate, lora_config, trainer_device_args
+from rlhf.training import (
+    ProgressCallback,
+    chosen_model,
+    load_trainable_lm,
+    lora_and_rate,
+    lora_config,
+    trainer_device_args,
+)
 from storage import prompts as prompt_rows
 from storage.prompts import SOURCES
 

@@ -47,12 +47,20 @@ QUALITY_FLAGS = {
     "gold_rate": (float, 0.0, 1.0, "share of pairs served as gold pairs (known answer) while unseen ones are left"),
     "min_gold_accuracy": (float, 0.0, 1.0, "annotators below this gold accuracy are flagged for exclusion"),
     "min_gold_votes": (int, 1, 100_000, "gold votes needed before an annotator can be flagged"),
-    "reports_to_hide": (int, 1, 100_000, "annotators' reports that take a prompt or story out of the arena before a researcher reviews it"),
-    "annotators_per_address_per_hour": (int, 0, 1_000_000, "new annotator names one client address may create in any hour; 0 = no limit"),
+    "reports_to_hide": (int, 1, 100_000, (
+        "annotators' reports that take a prompt or story out of the arena before a researcher reviews it"
+    )),
+    "annotators_per_address_per_hour": (int, 0, 1_000_000, (
+        "new annotator names one client address may create in any hour; 0 = no limit"
+    )),
     "max_queued_jobs": (int, 0, 10_000, "queued jobs one researcher may have waiting at once; 0 = no limit"),
     "max_upload_mb": (float, 0.001, 100_000.0, "largest file anyone may upload (a pretrain corpus), in MB"),
-    "session_capacity": (int, 10, 1_000_000, "browser sessions kept in memory; the least recently used beyond it are dropped"),
-    "session_idle_minutes": (float, 1.0, 10_080.0, "a sign-in is forgotten this long after it was made; sign in again then"),
+    "session_capacity": (int, 10, 1_000_000, (
+        "browser sessions kept in memory; the least recently used beyond it are dropped"
+    )),
+    "session_idle_minutes": (float, 1.0, 10_080.0, (
+        "a sign-in is forgotten this long after it was made; sign in again then"
+    )),
 }
 ENV_VARS.update({name: f"STORY_ARENA_{name.upper()}" for name in QUALITY_FLAGS})
 
@@ -154,21 +162,49 @@ def default_data_dir() -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by app.py and every CLI command."""
-    parser.add_argument("--data-dir", type=Path, help=f"where the database, models and logs live (env {ENV_VARS['data_dir']}; default ./data, or /data on a Space)")
-    parser.add_argument("--starter", choices=STARTERS, help=f"default policy to prepare: the packaged SmolLM2-135M-Instruct, or a tiny random GPT-2 for tests (env {ENV_VARS['starter']})")
-    parser.add_argument("--researchers", help=f"comma-separated annotator names with the researcher role (env {ENV_VARS['researchers']})")
+    parser.add_argument("--data-dir", type=Path, help=(
+        f"where the database, models and logs live (env {ENV_VARS['data_dir']}; default ./data, or /data on a Space)"
+    ))
+    parser.add_argument("--starter", choices=STARTERS, help=(
+        f"default policy to prepare: the packaged SmolLM2-135M-Instruct, or a tiny random GPT-2 for tests (env "
+        f"{ENV_VARS['starter']})"
+    ))
+    parser.add_argument("--researchers", help=(
+        f"comma-separated annotator names with the researcher role (env {ENV_VARS['researchers']})"
+    ))
     parser.add_argument("--device", help=f"auto, cpu or cuda (env {ENV_VARS['device']})")
-    parser.add_argument("--pool-prompts", type=int, help="how many prompts each starter policy pre-generates (default: all)")
-    parser.add_argument("--pair-prompt-sources", help=f"comma-separated prompt sources the arena draws pairs from, of {', '.join(PROMPT_SOURCES)} (default: all)")
-    parser.add_argument("--pair-prompt-collections", help="comma-separated prompt collections (named imports) the arena draws pairs from (default: all prompts)")
+    parser.add_argument("--pool-prompts", type=int, help=(
+        "how many prompts each starter policy pre-generates (default: all)"
+    ))
+    parser.add_argument("--pair-prompt-sources", help=(
+        f"comma-separated prompt sources the arena draws pairs from, of {', '.join(PROMPT_SOURCES)} (default: all)"
+    ))
+    parser.add_argument("--pair-prompt-collections", help=(
+        "comma-separated prompt collections (named imports) the arena draws pairs from (default: all prompts)"
+    ))
     for name, (kind, _, _, text) in QUALITY_FLAGS.items():
         default = Settings.__dataclass_fields__[name].default
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{text} (env {ENV_VARS[name]}; default {default})")
-    parser.add_argument("--trusted-proxies", help=f"comma-separated proxy addresses or networks (e.g. 10.0.0.0/8) whose X-Forwarded-For header names the client; default none: the connecting address counts (env {ENV_VARS['trusted_proxies']})")
-    parser.add_argument("--metrics-corpus", type=Path, help=f"story corpus (.txt or .jsonl) for each policy's held-out perplexity on the Metrics tab; none: not measured (env {ENV_VARS['metrics_corpus']})")
-    parser.add_argument("--admins", help=f"comma-separated Hugging Face usernames with the admin role when signed in with Hugging Face (env {ENV_VARS['admins']})")
-    parser.add_argument("--hub-dataset", help=f"Hub dataset repo (owner/name) the preferences are published to (env {ENV_VARS['hub_dataset']})")
-    parser.add_argument("--hub-publish-minutes", type=float, help=f"publish the preferences every N minutes; 0 = only on demand (env {ENV_VARS['hub_publish_minutes']})")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=(
+            f"{text} (env {ENV_VARS[name]}; default {default})"
+        ))
+    parser.add_argument("--trusted-proxies", help=(
+        f"comma-separated proxy addresses or networks (e.g. 10.0.0.0/8) whose X-Forwarded-For header names the "
+        f"client; default none: the connecting address counts (env {ENV_VARS['trusted_proxies']})"
+    ))
+    parser.add_argument("--metrics-corpus", type=Path, help=(
+        f"story corpus (.txt or .jsonl) for each policy's held-out perplexity on the Metrics tab; none: not measured "
+        f"(env {ENV_VARS['metrics_corpus']})"
+    ))
+    parser.add_argument("--admins", help=(
+        f"comma-separated Hugging Face usernames with the admin role when signed in with Hugging Face (env "
+        f"{ENV_VARS['admins']})"
+    ))
+    parser.add_argument("--hub-dataset", help=(
+        f"Hub dataset repo (owner/name) the preferences are published to (env {ENV_VARS['hub_dataset']})"
+    ))
+    parser.add_argument("--hub-publish-minutes", type=float, help=(
+        f"publish the preferences every N minutes; 0 = only on demand (env {ENV_VARS['hub_publish_minutes']})"
+    ))
     parser.add_argument("--light-jobs", type=int, help=(
         "light jobs (publish, push, story pools, prepare) run at once beside the one training job "
         f"(env {ENV_VARS['light_jobs']}; default 1)"))
@@ -279,7 +315,9 @@ def _networks(text: str) -> tuple[str, ...]:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
-            raise ValueError(f"--trusted-proxies takes addresses or networks like 10.0.0.0/8, got {network!r}.") from None
+            raise ValueError(
+                f"--trusted-proxies takes addresses or networks like 10.0.0.0/8, got {network!r}."
+            ) from None
     return chosen
 
 

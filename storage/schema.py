@@ -42,7 +42,7 @@ BEGIN
     both_bad = both_bad - (OLD.choice = 'both_bad')
   WHERE model_lo = min(OLD.model_a, OLD.model_b) AND model_hi = max(OLD.model_a, OLD.model_b);
 END
-""",
+""",  # noqa: E501 (the trigger's SQL as an applied migration created it)
 )
 
 

@@ -437,7 +437,8 @@ def test_researcher_only_job_launch(app, researcher):
     given = {"batch_size": 2, "max_steps": 3, "min_annotators": 2}
     message = researcher.predict("reward", json.dumps(given), None, api_name="/train")
     assert "Queued job" in message
-    (job_id, params), = query(db(data_dir), "SELECT id, params FROM jobs WHERE kind = 'reward' ORDER BY id DESC LIMIT 1")
+    (job_id, params), = query(db(data_dir),
+                              "SELECT id, params FROM jobs WHERE kind = 'reward' ORDER BY id DESC LIMIT 1")
     assert json.loads(params) == given
     researcher.predict(job_id, api_name="/cancel_job")
     wait_for(lambda: query(db(data_dir), "SELECT status FROM jobs WHERE id = ?", [job_id])[0][0] == "cancelled", 30,

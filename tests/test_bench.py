@@ -16,7 +16,8 @@ from tests.conftest import REPO_ROOT, clean_env
 
 def test_quick_run_prints_one_json_document_with_every_part():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--json", "--only", "first_start,storage,generation,stories,closed_loop"],
+        [sys.executable, "-m", "bench.run", "--quick", "--json",
+         "--only", "first_start,storage,generation,stories,closed_loop"],
         cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -33,7 +34,8 @@ def test_quick_run_prints_one_json_document_with_every_part():
     assert [row["votes"] for row in storage["table"]] == [1000, 10000]
     for row in storage["table"]:
         assert row["select_ms_median"] > 0 and row["write_ms_median"] > 0 and row["durable_votes_per_s"] > 0
-    assert set(storage["largest_over_smallest"]) == {"select_ms_median", "select_ms_p99", "write_ms_median", "write_ms_p99"}
+    assert set(storage["largest_over_smallest"]) == {
+        "select_ms_median", "select_ms_p99", "write_ms_median", "write_ms_p99"}
     assert storage["policy_pairs_match_votes"] is True
     assert storage["full_scans"] == [], storage["full_scans"]
 
