@@ -53,7 +53,7 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
                                     max_length=settings.max_prompt_chars, elem_id="own-prompt", scale=4)
             ask = gr.Button("Write two stories", elem_id="ask-story-button", scale=1)
     prompt = gr.HTML(elem_id="arena-prompt")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_id="story-row"):
         with gr.Column():
             gr.Markdown("### Story A")
             story_a = gr.HTML(elem_id="story-a")
@@ -88,7 +88,7 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
             waiting = arena.preparing_message(store) or "No new pairs for you right now: more stories are being written. This page checks again every few seconds."
             return (f"**{html.escape(waiting)}** · your votes: {count}", "", "", "", None, "", gr.Timer(active=True))
         return (
-            f"Your votes: **{count}**",
+            f"Which story is better? · your votes: **{count}**",
             story_html(view.prompt, "prompt"), story_html(view.story_a), story_html(view.story_b),
             view, view.client_key, gr.Timer(active=False),
         )
