@@ -12,6 +12,8 @@ from tests.test_browser import (  # noqa: F401  (fixtures)
     UI_WAIT_MS, annotator_id, arena, browser, expect, page, press_on_body, sign_in, votes_of,
 )
 
+# 256 tokens of the tiny model: seconds on an idle machine, minutes on a busy shared one.
+STREAM_WAIT_MS = 400_000
 OWN_PROMPT = "A story about a hedgehog who learns to whistle at the fair."
 # Every distinct text story A shows, recorded by the page itself as it changes.
 RECORD_STORY_A_JS = """() => {
@@ -32,9 +34,9 @@ def test_ask_for_a_story_streams_both_then_votes_and_lists_the_prompt(arena, pag
     page.locator("#own-prompt").get_by_role("textbox").fill(OWN_PROMPT)
     page.evaluate(RECORD_STORY_A_JS)
     page.click("#ask-story-button")
-    expect(page.locator("#arena-status")).to_contain_text("writing for you")
+    expect(page.locator("#arena-status")).to_contain_text("writing for you", timeout=STREAM_WAIT_MS)
     expect(page.locator("#arena-prompt")).to_have_text(OWN_PROMPT)
-    expect(page.locator("#arena-status")).to_contain_text(re.compile(r"your votes:\s*0\b"), timeout=120_000)
+    expect(page.locator("#arena-status")).to_contain_text(re.compile(r"your votes:\s*0\b"), timeout=STREAM_WAIT_MS)
     shown = page.evaluate("() => window.__storyA")
     final_a = page.locator("#story-a .story").inner_text().strip()
     assert len(shown) >= 2 and shown[-1] == final_a, shown  # grew on screen before it was done
