@@ -49,9 +49,10 @@ def run(data_dir: Path, starter: str, rounds: int, max_new_tokens: int) -> dict:
             if first_token_s is None and (update.story_a or update.story_b):
                 first_token_s = time.perf_counter() - started
             view = update.view
-        table.append({"first_token_s": round(first_token_s, 2), "both_stories_s": round(time.perf_counter() - started, 2),
-                      "tokens": [c["tokens"] for c in store.db["completions"].rows_where(
-                          "id IN (?, ?)", [view.pair.completion_a, view.pair.completion_b])]})
+        both_stories_s = time.perf_counter() - started
+        stored = store.db["completions"].rows_where("id IN (?, ?)", [view.pair.completion_a, view.pair.completion_b])
+        table.append({"first_token_s": round(first_token_s, 2), "both_stories_s": round(both_stories_s, 2),
+                      "tokens": [c["tokens"] for c in stored]})
     return {
         "starter": starter, "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
         "max_new_tokens": max_new_tokens, "rounds": table, "model_load_s": round(load_s, 2),

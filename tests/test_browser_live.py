@@ -9,7 +9,15 @@ import re
 
 from bench.app_server import query
 from tests.test_browser import (  # noqa: F401  (fixtures)
-    UI_WAIT_MS, annotator_id, arena, browser, expect, page, press_on_body, sign_in, votes_of,
+    UI_WAIT_MS,
+    annotator_id,
+    arena,
+    browser,
+    expect,
+    page,
+    press_on_body,
+    sign_in,
+    votes_of,
 )
 
 # 256 tokens of the tiny model: seconds on an idle machine, minutes on a busy shared one.

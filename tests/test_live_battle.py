@@ -55,7 +55,8 @@ def test_live_battle_streams_stores_the_prompt_and_stories_and_takes_a_vote(aren
     view = updates[-1].view
     assert view is not None and view.prompt == PROMPT and view.pair.model_a != view.pair.model_b
     prompt = prompts.get_prompt(store.db, view.pair.prompt_id)
-    assert (prompt["source"], prompt["requested_by"], prompt["collection"]) == ("user", annotator, arena.LIVE_COLLECTION)
+    assert (prompt["source"], prompt["requested_by"]) == ("user", annotator)
+    assert prompt["collection"] == arena.LIVE_COLLECTION
     stored = {c["model_id"]: c["text"] for c in completions.completions_for_prompt(store.db, prompt["id"])}
     assert stored == {view.pair.model_a: view.story_a, view.pair.model_b: view.story_b}
     vote_id, created = arena.submit_vote(store, settings, annotator, view, "a")

@@ -116,7 +116,8 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             except arena.ArenaError as exc:
                 raise gr.Error(str(exc)) from exc
 
-        sign_in_outputs = [session, who_md, sign_in_box, *researcher_groups, *arena_tab["outputs"], *count_outputs, token]
+        sign_in_outputs = [session, who_md, sign_in_box, *researcher_groups, *arena_tab["outputs"], *count_outputs,
+                           token]
         if settings.hub_oauth:
             demo.load(do_hub_sign_in, None, sign_in_outputs, api_visibility="private")
         sign_in.click(do_sign_in, [name, key, token], sign_in_outputs, api_name="sign_in", js=SEND_TOKEN_JS).success(
