@@ -11,6 +11,7 @@ seconds, and the error of any bench that failed (the exit status is then 1).
 
 Benches run here (BENCHES below):
   first_start bench/first_start.py seconds from an empty data dir to the first votable pair
+  live_battle bench/live_battle.py seconds to the first streamed token and to both stories of an annotator's prompt
   storage     bench/storage.py     vote writes and pair selection as the votes table grows
   voting      bench/voting.py      the voting path under concurrent annotators, against Gradio's floor
   generation  bench/generation.py  batched story generation against one prompt at a time
@@ -66,6 +67,10 @@ def _first_start_headline(report: dict) -> dict:
     return {k: report[k] for k in ("starter", "page_answers_s", "first_votable_pair_s")}
 
 
+def _live_battle_headline(report: dict) -> dict:
+    return {k: report[k] for k in ("starter", "first_token_s_median", "both_stories_s_median")}
+
+
 def _generation_headline(report: dict) -> dict:
     return {"speedup_vs_batch_1": report["speedup_vs_batch_1"]}
 
@@ -107,6 +112,7 @@ def _sessions_headline(report: dict) -> dict:
 
 BENCHES = {
     "first_start": Bench("bench.first_start", ("--starter", "tiny"), (), _first_start_headline),
+    "live_battle": Bench("bench.live_battle", ("--quick",), ("--starter", "smollm2"), _live_battle_headline),
     "storage": Bench(
         "bench.storage", ("--sizes", "1000,10000", "--ops", "100", "--rounds", "2"), (), _storage_headline,
     ),

@@ -2,7 +2,7 @@
 
 The UI and the HTTP API both go through here, so validation, idempotency and the
 "never the same pair twice" rule hold however a vote arrives. Serving a pair is a
-database read; nothing here generates text.
+database read; only a live battle (an annotator's own prompt) generates text.
 """
 
 from __future__ import annotations
@@ -10,13 +10,16 @@ from __future__ import annotations
 import hmac
 import random
 import re
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from rlhf import safety
 from rlhf.pairing import draw_order, pair_weights
 from rlhf.quality import VoteRateLimiter
+from rlhf.records import text_problem
 from rlhf.settings import Settings
 from storage import annotators, completions, content, models, prompts, scores, votes
 from storage import jobs as job_rows
@@ -216,3 +219,97 @@ def preparing_message(store: Store) -> str | None:
         if job["status"] in job_rows.ACTIVE:
             return f"Preparing the arena: {job['progress']:.0%} · {job['message']}"
     return None
+
+
+# --- Live battle: an annotator's own prompt, two policies writing side by side ----------------
+
+LIVE_COLLECTION = "live"
+LIVE_STREAM_INTERVAL_S = 0.2
+_live_generation = threading.Lock()  # generation runs in the app process: one at a time
+
+
+@dataclass(frozen=True)
+class LiveUpdate:
+    """The two stories so far; `view` is set once both are stored and can be voted on."""
+
+    story_a: str
+    story_b: str
+    view: PairView | None = None
+
+
+def live_battle(store: Store, settings: Settings, annotator_id: int, text: str,
+                rng: random.Random | None = None) -> Iterator[LiveUpdate]:
+    """Two anonymous active policies write a story for the annotator's prompt, streamed side by
+    side; the last update carries the pair to vote on as any pool pair.
+
+    The prompt is checked as imports are (rlhf.records.text_problem, rlhf.safety), counts
+    against settings.live_battles_per_hour, and is stored with source `user` and the
+    annotator's id; the stories join both policies' pools. One live generation runs at a time:
+    a second request is refused with a "busy" message rather than queued behind it.
+    """
+    from rlhf.generate import Decoding  # loads torch: only for a live battle
+    from rlhf.scoring import sampling_decoding
+
+    problem = text_problem(text, settings.max_prompt_chars)
+    if problem:
+        raise ArenaError(f"Your prompt: {problem}.")
+    text = text.strip()
+    if settings.live_battles_per_hour == 0:
+        raise ArenaError("Asking for a story is turned off on this arena.")
+    if prompts.requests_since(store.db, annotator_id, time.time() - 3600) >= settings.live_battles_per_hour:
+        raise ArenaError(f"You have asked for {settings.live_battles_per_hour} stories in the last hour, "
+                         "the most allowed: vote on the pool's pairs meanwhile.")
+    policies = [m for m in models.list_models(store.db, active_only=True) if m.kind != "external"]
+    if len(policies) < 2:
+        raise ArenaError("Two active policies are needed to write stories; there are not yet.")
+    check = safety.ContentCheck(store)
+    prompt = prompts.add_requested_prompt(store.db, text, annotator_id, LIVE_COLLECTION, check(text))
+    if prompt["blocked_reason"] or prompt["retired_at"] is not None:
+        raise ArenaError("This prompt cannot be used in the arena (not fit for young children, or retired): "
+                         "try another one.")
+    if not _live_generation.acquire(blocking=False):
+        raise ArenaError("Busy: another story is being written right now. Ask again in a moment.")
+    try:
+        pair = (rng or random.Random()).sample(policies, 2)
+        decodings = [Decoding.from_dict({"max_new_tokens": settings.max_new_tokens, **sampling_decoding(p.decoding)})
+                     for p in pair]
+        shown = 0.0
+        for stories in _live_stories(settings, pair, text, decodings):
+            if time.monotonic() - shown >= LIVE_STREAM_INTERVAL_S:
+                shown = time.monotonic()
+                yield LiveUpdate(stories[0].text, stories[1].text)
+    finally:
+        _live_generation.release()
+    verdicts = check.many([s.text for s in stories])
+    ids = [completions.add_completion(store.db, prompt["id"], policy.id, story.text[: settings.max_story_chars],
+                                      decoding.to_dict(), story.tokens, story.ms, blocked_reason=verdict,
+                                      truncated=story.truncated)
+           for policy, story, decoding, verdict in zip(pair, stories, decodings, verdicts)]
+    if any(verdicts):
+        raise ArenaError("A story came out unfit for young children and was kept out of the arena: ask again.")
+    view = _view(store, prompt["id"], (pair[0].id, ids[0]), (pair[1].id, ids[1]))
+    yield LiveUpdate(view.story_a, view.story_b, view)
+
+
+def _live_stories(settings: Settings, pair: Sequence, text: str, decodings: Sequence) -> Iterator[list]:
+    """Both stories so far after each step: ONE batched generate call when the two policies share
+    weights (the starters: one model, two decodings), else one call per model side by side."""
+    from rlhf.generate import stream_stories
+    from rlhf.models import load_causal_lm, resolve_device
+
+    device = resolve_device(settings.device)
+    loaded = [load_causal_lm(p.source, device, settings.hub_token) for p in pair]
+    if pair[0].source == pair[1].source:
+        yield from stream_stories(*loaded[0], [text, text], decodings, settings.max_new_tokens)
+        return
+    streams = [stream_stories(*m, [text], [d], settings.max_new_tokens) for m, d in zip(loaded, decodings)]
+    latest: list = [None, None]
+    running = [True, True]
+    while any(running):
+        for side, stream in enumerate(streams):
+            if running[side]:
+                step = next(stream, None)
+                running[side] = step is not None
+                latest[side] = step[0] if step is not None else latest[side]
+        if all(latest):
+            yield list(latest)

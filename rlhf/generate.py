@@ -8,11 +8,21 @@ database; callers store the Story results.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.streamers import BaseStreamer
 
 from rlhf.params import check_real, check_whole, given_params
 from rlhf.story_features import trim_unfinished
@@ -95,7 +105,8 @@ def _length_to_eos(ids: torch.Tensor, eos_ids: list[int]) -> int:
     return int(hits[0]) if len(hits) else len(ids)
 
 
-def _generate_batch(model, tokenizer, texts: list[str], decoding: Decoding, eos_ids: list[int]):
+def _generate_batch(model, tokenizer, texts: list[str], decoding: Decoding, eos_ids: list[int],
+                    streamer: BaseStreamer | None = None, logits_processor: LogitsProcessorList | None = None):
     start = time.perf_counter()
     # Chat templates already hold their special tokens; plain LMs get their usual ones.
     enc = tokenizer(
@@ -122,15 +133,22 @@ def _generate_batch(model, tokenizer, texts: list[str], decoding: Decoding, eos_
         max_new_tokens=max_new,
         eos_token_id=eos_ids or None,
         pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        logits_processor=logits_processor,
     )
     ms = (time.perf_counter() - start) * 1000 / len(texts)
     stories = []
     for row in out[:, prompt_len:]:
-        n = _length_to_eos(row, eos_ids)
-        truncated = n == len(row)  # no end-of-sequence: the budget cut it
-        text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-        stories.append(Story(text=trim_unfinished(text) if truncated else text, tokens=n, ms=ms, truncated=truncated))
+        stories.append(_story(tokenizer, row, eos_ids, ms, finished=True))
     return stories
+
+
+def _story(tokenizer, row: torch.Tensor, eos_ids: list[int], ms: float, finished: bool) -> Story:
+    """The story in a row of new tokens; a finished row without end-of-sequence hit the budget."""
+    n = _length_to_eos(row, eos_ids)
+    truncated = finished and n == len(row)
+    text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+    return Story(text=trim_unfinished(text) if truncated else text, tokens=n, ms=ms, truncated=truncated)
 
 
 def generate_stories(
@@ -160,3 +178,105 @@ def generate_stories(
         for i in range(0, len(texts), batch_size):
             stories += _generate_batch(model, tokenizer, texts[i : i + batch_size], decoding, eos_ids)
     return stories
+
+
+# --- Live stories: several policies' decodings in one batch, streamed ------------------------
+
+
+class RowDecoding(LogitsProcessor):
+    """Each batch row sampled with its own Decoding, through transformers' own warpers: two
+    policies that share weights but not sampling settings write in one generate call."""
+
+    def __init__(self, decodings: Sequence[Decoding]):
+        self.rows = [self._warpers(d) for d in decodings]
+
+    @staticmethod
+    def _warpers(decoding: Decoding) -> list[LogitsProcessor]:
+        warpers: list[LogitsProcessor] = []
+        if decoding.repetition_penalty != 1.0:
+            warpers.append(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty))
+        if decoding.no_repeat_ngram_size:
+            warpers.append(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size))
+        warpers.append(TemperatureLogitsWarper(decoding.temperature))
+        if decoding.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(decoding.top_p))
+        return warpers
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = []
+        for i, warpers in enumerate(self.rows):
+            row = scores[i : i + 1]
+            for warper in warpers:
+                row = warper(input_ids[i : i + 1], row)
+            rows.append(row)
+        return torch.cat(rows)
+
+
+class BatchStreamer(BaseStreamer):
+    """Collects every row's new tokens as generate makes them (transformers' text streamers take
+    one row only) and signals `updates` after each step."""
+
+    def __init__(self, updates: queue.Queue):
+        self.updates = updates
+        self.rows: list[list[int]] | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.rows is None:  # the first call hands over the prompts
+            self.rows = [[] for _ in range(value.shape[0])]
+            return
+        for row, token in zip(self.rows, value.reshape(len(self.rows), -1).tolist()):
+            row.extend(token)
+        self.updates.put(self)
+
+    def end(self) -> None:
+        self.updates.put(self)
+
+
+def _latest(updates: queue.Queue):
+    """Wait for an update, then take every one already queued: a slow reader skips to the newest
+    tokens. None once generation has ended."""
+    item = updates.get()
+    while item is not None and not updates.empty():
+        item = updates.get_nowait()
+    return item
+
+
+def stream_stories(
+    model, tokenizer, prompts: Sequence[str], decodings: Sequence[Decoding], max_new_tokens: int,
+    seed: int | None = None,
+) -> Iterator[list[Story]]:
+    """Write one story per (prompt, decoding) in ONE batched generate call (rows sampled by
+    RowDecoding) and yield every story so far after each generated token; the last yield holds
+    the finished stories (truncation and ms as generate_stories reports them)."""
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    eos_ids = _eos_ids(model, tokenizer)
+    updates: queue.Queue = queue.Queue()
+    streamer = BatchStreamer(updates)
+    plain = Decoding(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    result: dict = {}
+
+    def run() -> None:
+        devices = [model.device] if model.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                result["stories"] = _generate_batch(model, tokenizer, texts, plain, eos_ids, streamer,
+                                                    LogitsProcessorList([RowDecoding(decodings)]))
+        except Exception as exc:  # handed to the reading thread, which raises it
+            result["error"] = exc
+        finally:
+            updates.put(None)
+
+    start = time.perf_counter()
+    worker = threading.Thread(target=run, name="stream-stories", daemon=True)
+    worker.start()
+    while _latest(updates) is not None:
+        if streamer.rows is not None:
+            ms = (time.perf_counter() - start) * 1000 / len(texts)
+            yield [_story(tokenizer, torch.tensor(row, dtype=torch.long), eos_ids, ms, finished=False)
+                   for row in streamer.rows]
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["stories"]

@@ -25,6 +25,9 @@ STARTER_POLICIES = {
              ("tiny-t1.0", {"temperature": 1.0, "top_p": 0.95})),
 }
 MODEL_SHARE = 0.1
+# Stories of this many prompts for every policy come first, so the arena serves its first pair
+# after one short batch instead of after a full one (bench/first_start.py).
+FIRST_PAIR_PROMPTS = 1
 
 
 def starter_policies(store: Store, settings: Settings, progress: Progress) -> list[ModelRecord]:
@@ -58,9 +61,12 @@ def screen_prompts(store: Store) -> dict[int, str]:
 def prepare(store: Store, settings: Settings, progress: Progress) -> list[ModelRecord]:
     progress(0.0, "preparing the starter model")
     policies = starter_policies(store, settings, progress)
-    progress(MODEL_SHARE, "writing the first stories")
+    ids = [p.id for p in policies]
+    progress(MODEL_SHARE, "writing the first pair of stories")
+    fill_pool(store, settings, ids, min(FIRST_PAIR_PROMPTS, settings.pool_prompts or FIRST_PAIR_PROMPTS),
+              lambda f, m: progress(MODEL_SHARE, "writing the first pair of stories"))
     fill_pool(
-        store, settings, [p.id for p in policies], settings.pool_prompts,
+        store, settings, ids, settings.pool_prompts,
         lambda f, m: progress(MODEL_SHARE + (1 - MODEL_SHARE) * f, m),
     )
     return policies

@@ -53,6 +53,9 @@ QUALITY_FLAGS = {
     "annotators_per_address_per_hour": (int, 0, 1_000_000, (
         "new annotator names one client address may create in any hour; 0 = no limit"
     )),
+    "live_battles_per_hour": (int, 0, 10_000, (
+        "stories an annotator may ask for (live battles) in any hour; 0 = live battles off"
+    )),
     "max_queued_jobs": (int, 0, 10_000, "queued jobs one researcher may have waiting at once; 0 = no limit"),
     "max_upload_mb": (float, 0.001, 100_000.0, "largest file anyone may upload (a pretrain corpus), in MB"),
     "session_capacity": (int, 10, 1_000_000, (
@@ -96,6 +99,7 @@ class Settings:
     min_gold_accuracy: float = 0.7
     min_gold_votes: int = 5
     reports_to_hide: int = 3
+    live_battles_per_hour: int = 5
     annotators_per_address_per_hour: int = 30
     max_queued_jobs: int = 5
     max_upload_mb: float = 25.0

@@ -71,6 +71,26 @@ def prompt_id_for(
     return db.execute("SELECT id FROM prompts WHERE text = ?", [text]).fetchone()[0]
 
 
+def add_requested_prompt(db: Database, text: str, annotator_id: int, collection: str,
+                         blocked_reason: str | None) -> dict:
+    """Store a prompt an annotator typed (source `user`, their id), or return the stored prompt
+    with the same normalised text untouched."""
+    key = normalized_text(text)
+    with write_transaction(db):
+        found = db.execute("SELECT id FROM prompts WHERE normalized = ? OR text = ?", [key, text]).fetchone()
+        prompt_id = found[0] if found else db["prompts"].insert({
+            "text": text, "source": "user", "collection": collection, "normalized": key,
+            "blocked_reason": blocked_reason, "requested_by": annotator_id, "created_at": time.time(),
+        }).last_pk
+    return get_prompt(db, prompt_id)
+
+
+def requests_since(db: Database, annotator_id: int, since: float) -> int:
+    """Prompts this annotator typed in live battles since `since` (a time.time())."""
+    return db.execute("SELECT count(*) FROM prompts WHERE requested_by = ? AND created_at >= ?",
+                      [annotator_id, since]).fetchone()[0]
+
+
 def retire_prompt(db: Database, prompt_id: int) -> dict:
     """Take a prompt out of the arena; its stories and votes stay."""
     get_prompt(db, prompt_id)

@@ -312,3 +312,11 @@ def m011_completion_truncated(db: Database) -> None:
     (and was trimmed to its last finished sentence), 0 when the model ended it, NULL for
     stories written before this was recorded. A plain ALTER TABLE column."""
     db["completions"].add_column("truncated", int)
+
+
+@MIGRATIONS()
+def m015_prompt_requested_by(db: Database) -> None:
+    """prompts.requested_by: the annotator who typed the prompt in a live battle (source
+    `user`); counts their live requests against the per-annotator cap. NULL otherwise."""
+    db["prompts"].add_column("requested_by", int)
+    db["prompts"].create_index(["requested_by", "created_at"])

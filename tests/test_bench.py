@@ -17,18 +17,23 @@ from tests.conftest import REPO_ROOT, clean_env
 def test_quick_run_prints_one_json_document_with_every_part():
     done = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--json",
-         "--only", "first_start,storage,generation,stories,closed_loop"],
+         "--only", "first_start,live_battle,storage,generation,stories,closed_loop"],
         cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(done.stdout)
     assert document["quick"] is True and document["failed"] == {}
     assert set(document["benches"]) == set(document["headlines"]) == {
-        "first_start", "storage", "generation", "stories", "closed_loop"}
+        "first_start", "live_battle", "storage", "generation", "stories", "closed_loop"}
 
     first_start = document["headlines"]["first_start"]
     assert first_start["starter"] == "tiny"
     assert 0 < first_start["page_answers_s"] <= first_start["first_votable_pair_s"]
+
+    live = document["benches"]["live_battle"]
+    assert live["starter"] == "tiny" and len(live["rounds"]) == 2
+    for row in live["rounds"]:
+        assert 0 < row["first_token_s"] <= row["both_stories_s"] and all(0 < t <= 16 for t in row["tokens"])
 
     storage = document["benches"]["storage"]
     assert [row["votes"] for row in storage["table"]] == [1000, 10000]

@@ -28,12 +28,24 @@ CSS = """
 table.jobs { width: 100%; border-collapse: collapse; }
 table.jobs td, table.jobs th { padding: 0.25rem 0.5rem; border-bottom: 1px solid var(--border-color-primary); text-align: left; }
 .compare-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(18rem, 1fr)); gap: 0.75rem; }
+#story-row > div { justify-content: flex-start; }
+/* A phone: no keyboard, so no key hints on the first screen; the vote buttons stay at the
+   bottom of the screen while the annotator scrolls through both stacked stories. */
+@media (max-width: 640px) {
+  #arena-help { display: none; }
+  #vote-bar { position: fixed; left: 0; right: 0; bottom: 0; z-index: 50; margin: 0; padding: 0.4rem;
+    background: var(--background-fill-primary); border-top: 1px solid var(--border-color-primary);
+    display: grid; grid-template-columns: 1fr 1fr; gap: 0.4rem; }
+  #vote-bar > * { min-width: 0 !important; }
+  .gradio-container { padding-bottom: 9rem !important; }
+}
 """
 # The browser's secret for the names it claims (rlhf.arena.sign_in): read from localStorage
 # into the sign-in call, and stored there once the server has answered with it.
 TOKEN_STORAGE_KEY = "story-arena-token"
 SEND_TOKEN_JS = f"(name, key, token) => [name, key, localStorage.getItem('{TOKEN_STORAGE_KEY}') || '']"
 KEEP_TOKEN_JS = f"(token) => {{ if (token) localStorage.setItem('{TOKEN_STORAGE_KEY}', token); }}"
+FIRST_START_REFRESH_S = 5.0
 # Temporary files (uploads, downloads) are deleted hourly once an hour old.
 DELETE_CACHE = (3600, 3600)
 
@@ -46,7 +58,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
         # Gradio drops the value this long after sign-in: an idle session holds nothing.
         session = gr.State(None, time_to_live=settings.session_idle_minutes * 60)
         gr.Markdown("# Story Arena\nWhich story is better? Your votes train the next storytellers.")
-        with gr.Row(equal_height=True):
+        with gr.Accordion("Sign in", open=True, elem_id="sign-in-box") as sign_in_box, gr.Row(equal_height=True):
             name = gr.Textbox(label="Your name", max_length=settings.max_name_chars, elem_id="annotator-name", scale=3)
             key = gr.Textbox(label="Researcher key (researchers only)", type="password", max_length=200, scale=2)
             sign_in = gr.Button("Sign in", variant="primary", elem_id="sign-in", scale=1)
@@ -67,7 +79,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
                 show_prompts, prompt_source, prompt_table, prompt_tools = build_prompts_tab(settings, store, session)
             with gr.Tab("Models", id="models") as models_tab:
                 load_models, models_table, model_tools = build_models_tab(settings, store, session)
-            with gr.Tab("Data", id="data"):
+            with gr.Tab("Data", id="data") as data_tab:
                 load_counts, count_outputs, data_tools = build_data_tab(settings, store, session)
             with gr.Tab("Train", id="train") as train_tab:
                 load_bases, base_picker, train_tools = build_train_tab(settings, store, session)
@@ -78,8 +90,9 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
         def signed_in(who, browser_token):
             researcher = who["role"] in ("researcher", "admin")
             welcome = f"Signed in as **{html.escape(who['name'])}** ({who['role']})."
+            # Collapsed once signed in (it took a phone's first screen); open it to switch names.
             return (
-                who, welcome, *[gr.Group(visible=researcher) for _ in researcher_groups],
+                who, welcome, gr.Accordion(open=False, label="Sign in with another name"), *[gr.Group(visible=researcher) for _ in researcher_groups],
                 *arena_tab["load_pair"](who, None), *load_counts(who), browser_token,
             )
 
@@ -103,7 +116,8 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             except arena.ArenaError as exc:
                 raise gr.Error(str(exc)) from exc
 
-        sign_in_outputs = [session, who_md, *researcher_groups, *arena_tab["outputs"], *count_outputs, token]
+        sign_in_outputs = [session, who_md, sign_in_box, *researcher_groups, *arena_tab["outputs"], *count_outputs,
+                           token]
         if settings.hub_oauth:
             demo.load(do_hub_sign_in, None, sign_in_outputs, api_visibility="private")
         sign_in.click(do_sign_in, [name, key, token], sign_in_outputs, api_name="sign_in", js=SEND_TOKEN_JS).success(
@@ -122,10 +136,17 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             (train_tab, load_bases, None, base_picker),
             (jobs_tab, load_jobs, session, jobs_table),
         ]
+        tab_contents.append((data_tab, load_counts, session, count_outputs))
         for tab, load, inputs, outputs in tab_contents:
             demo.load(load, inputs, outputs, api_visibility="private")
             tab.select(load, inputs, outputs, api_visibility="private", show_progress="hidden")
-        demo.load(lambda: load_counts(None)[0], None, count_outputs[0], api_visibility="private")
+        # While the first start writes the pool, every tab refills itself every few seconds, so
+        # one opened meanwhile never waits for a Refresh click; the timer stops once it is done.
+        first_start = gr.Timer(FIRST_START_REFRESH_S, active=arena.preparing_message(store) is not None)
+        for _, load, inputs, outputs in tab_contents:
+            first_start.tick(load, inputs, outputs, api_visibility="private", show_progress="hidden")
+        first_start.tick(lambda: gr.Timer(active=arena.preparing_message(store) is not None), None, first_start,
+                         api_visibility="private", show_progress="hidden")
     return demo, {
         "css": CSS, "head": KEYBOARD_JS + RUBRIC_JS,
         "max_file_size": int(settings.max_upload_mb * 1024 * 1024),

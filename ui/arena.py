@@ -45,17 +45,22 @@ HELP = (
 
 def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict:
     """Lay out the tab and wire its events; returns components other tabs hook into."""
-    gr.Markdown(HELP.format(undo=settings.undo_window_s))
+    gr.Markdown(HELP.format(undo=settings.undo_window_s), elem_id="arena-help")
     status = gr.Markdown("Sign in with a name (top of the page) to start voting.", elem_id="arena-status")
+    with gr.Accordion("Ask for a story: type your own prompt", open=False, elem_id="ask-story"):
+        with gr.Row(equal_height=True):
+            own_prompt = gr.Textbox(show_label=False, placeholder="A story about a hedgehog who learns to whistle",
+                                    max_length=settings.max_prompt_chars, elem_id="own-prompt", scale=4)
+            ask = gr.Button("Write two stories", elem_id="ask-story-button", scale=1)
     prompt = gr.HTML(elem_id="arena-prompt")
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=True, elem_id="story-row"):
         with gr.Column():
             gr.Markdown("### Story A")
             story_a = gr.HTML(elem_id="story-a")
         with gr.Column():
             gr.Markdown("### Story B")
             story_b = gr.HTML(elem_id="story-b")
-    with gr.Row():
+    with gr.Row(elem_id="vote-bar"):
         buttons = {c: gr.Button(f"{label} ({SHORTCUTS[c]})", elem_id=f"vote-{c}", variant="primary" if c in "ab" else "secondary")
                    for c, label in CHOICE_LABELS.items()}
         skip = gr.Button("Skip (S)", elem_id="skip-pair")
@@ -83,7 +88,7 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
             waiting = arena.preparing_message(store) or "No new pairs for you right now: more stories are being written. This page checks again every few seconds."
             return (f"**{html.escape(waiting)}** · your votes: {count}", "", "", "", None, "", gr.Timer(active=True))
         return (
-            f"Signed in as **{html.escape(who['name'])}** · your votes: **{count}**",
+            f"Which story is better? · your votes: **{count}**",
             story_html(view.prompt, "prompt"), story_html(view.story_a), story_html(view.story_b),
             view, view.client_key, gr.Timer(active=False),
         )
@@ -101,6 +106,20 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
         if who is None or current is not None:
             return (gr.skip(),) * (len(outputs) - 1) + (gr.Timer(active=False),)
         return load_pair(who, current)
+
+    def ask_for_story(who, text):
+        """Stream both policies' stories as they are written, then show the pair to vote on."""
+        who = require_signed_in(who)
+        try:
+            for update in arena.live_battle(store, settings, who["id"], text):
+                if update.view is not None:
+                    yield (*show(update.view, who), "")
+                    return
+                yield ("**Two storytellers are writing for you…**", story_html(text.strip(), "prompt"),
+                       story_html(update.story_a), story_html(update.story_b), None, "", gr.Timer(active=False),
+                       gr.skip())
+        except arena.ArenaError as exc:
+            raise gr.Error(str(exc)) from exc
 
     def make_vote(choice: str):
         def vote(who, current, key, reason, previous, request: gr.Request):
@@ -155,6 +174,8 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
     for target, button in reports.items():
         button.click(make_report(target), [session, pair_state], [*outputs, reveal], api_name=f"report_{target}",
                      trigger_mode="once")
+    ask.click(ask_for_story, [session, own_prompt], [*outputs, own_prompt], api_name="ask_for_story",
+              concurrency_limit=1, show_progress="minimal")
     undo.click(undo_last, [session, last_vote], [*outputs, reveal, last_vote], api_name="undo", trigger_mode="once")
     poll.tick(poll_for_pair, [session, pair_state], outputs, api_visibility="private", show_progress="hidden")
     return {"load_pair": load_pair, "outputs": outputs}
