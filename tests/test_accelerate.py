@@ -105,7 +105,7 @@ def test_reward_job_in_two_processes_registers_once(two_process_worker):
     job_id = job_rows.create_job(store.db, "reward", {"base": base, **TINY_PARAMS, "max_steps": 4})
     worker.start()
     record = _check_registered_once(settings, store, job_id, "reward")
-    assert record.metrics["steps"] == 4 and record.metrics["eval_pairs"] > 0
+    assert record.metrics["steps"] == 4 and record.metrics["heldout"]["pairs"] > 0
 
 
 def test_dpo_job_in_two_processes_registers_once(two_process_worker):
@@ -117,7 +117,7 @@ def test_dpo_job_in_two_processes_registers_once(two_process_worker):
                                                    "max_minutes": 0})
     worker.start()
     record = _check_registered_once(settings, store, job_id, "dpo")
-    assert record.parent_id == base.id and record.metrics["steps"] == 2 and record.metrics["eval_pairs"] > 0
+    assert record.parent_id == base.id and record.metrics["steps"] == 2 and record.metrics["heldout"]["pairs"] > 0
 
 
 def _training_reward_job(settings, store, worker) -> tuple[int, list[int]]:
