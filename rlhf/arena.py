@@ -170,7 +170,8 @@ def submit_vote(
     if refusal:
         raise ArenaError(refusal)
     # The newest reward model's guess, stored with the vote: live agreement with people.
-    predicted, predicted_by = scores.score_pair(store.db, view.pair.completion_a, view.pair.completion_b) or (None, None)
+    predicted, predicted_by = (scores.score_pair(store.db, view.pair.completion_a, view.pair.completion_b)
+                               or (None, None))
     return votes.record_vote(
         store.db, view.pair, annotator_id=annotator_id, choice=choice,
         client_key=client_key or view.client_key, rationale=rationale,

@@ -91,7 +91,8 @@ def votes_of(data_dir: Path, annotator_id: int) -> list[dict]:
         " JOIN models mb ON mb.id = v.model_b WHERE v.annotator_id = ? ORDER BY v.id",
         [annotator_id],
     )
-    keys = ("id", "choice", "annotator_id", "name_a", "name_b", "prompt_id", "completion_a", "completion_b", "rationale")
+    keys = ("id", "choice", "annotator_id", "name_a", "name_b", "prompt_id", "completion_a", "completion_b",
+            "rationale")
     return [dict(zip(keys, row)) for row in rows]
 
 
@@ -107,7 +108,8 @@ def leaderboard_rows(page) -> list[dict]:
     return page.evaluate(
         """() => {
           const root = document.querySelector('#leaderboard-table');
-          const heads = [...root.querySelectorAll('[role=columnheader]')].map(th => th.getAttribute('title') || th.innerText.trim());
+          const heads = [...root.querySelectorAll('[role=columnheader]')]
+            .map(th => th.getAttribute('title') || th.innerText.trim());
           const rows = {};
           for (const cell of root.querySelectorAll('[role=gridcell][data-row][data-col]')) {
             (rows[cell.dataset.row] ||= {})[heads[Number(cell.dataset.col)]] = cell.innerText.trim();
@@ -157,7 +159,8 @@ def test_keyboard_votes_undo_and_leaderboard(arena, page):
     second = rows[1]
     assert second["annotator_id"] == me
     assert {second["completion_a"], second["completion_b"]} != {first["completion_a"], first["completion_b"]}
-    assert query(db_path(data_dir), "SELECT text FROM prompts WHERE id = ?", [second["prompt_id"]])[0][0] == second_prompt
+    stored = query(db_path(data_dir), "SELECT text FROM prompts WHERE id = ?", [second["prompt_id"]])[0][0]
+    assert stored == second_prompt
 
     press_on_body(page, "u")
     expect(reveal).to_contain_text("Vote undone")

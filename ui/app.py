@@ -26,7 +26,9 @@ CSS = """
 .prompt { font-weight: 600; }
 .story { min-height: 12rem; }
 table.jobs { width: 100%; border-collapse: collapse; }
-table.jobs td, table.jobs th { padding: 0.25rem 0.5rem; border-bottom: 1px solid var(--border-color-primary); text-align: left; }
+table.jobs td, table.jobs th {
+  padding: 0.25rem 0.5rem; border-bottom: 1px solid var(--border-color-primary); text-align: left;
+}
 .compare-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(18rem, 1fr)); gap: 0.75rem; }
 #story-row > div { justify-content: flex-start; }
 /* A phone: no keyboard, so no key hints on the first screen; the vote buttons stay at the
@@ -92,7 +94,8 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             welcome = f"Signed in as **{html.escape(who['name'])}** ({who['role']})."
             # Collapsed once signed in (it took a phone's first screen); open it to switch names.
             return (
-                who, welcome, gr.Accordion(open=False, label="Sign in with another name"), *[gr.Group(visible=researcher) for _ in researcher_groups],
+                who, welcome, gr.Accordion(open=False, label="Sign in with another name"),
+                *[gr.Group(visible=researcher) for _ in researcher_groups],
                 *arena_tab["load_pair"](who, None), *load_counts(who), browser_token,
             )
 
@@ -122,8 +125,9 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             demo.load(do_hub_sign_in, None, sign_in_outputs, api_visibility="private")
         sign_in.click(do_sign_in, [name, key, token], sign_in_outputs, api_name="sign_in", js=SEND_TOKEN_JS).success(
             None, token, None, js=KEEP_TOKEN_JS)
-        name.submit(do_sign_in, [name, key, token], sign_in_outputs, api_visibility="private", js=SEND_TOKEN_JS).success(
-            None, token, None, js=KEEP_TOKEN_JS)
+        name.submit(
+            do_sign_in, [name, key, token], sign_in_outputs, api_visibility="private", js=SEND_TOKEN_JS,
+        ).success(None, token, None, js=KEEP_TOKEN_JS)
         # Each tab is filled when the page loads and again whenever it is opened, so what it
         # shows is never older than the click that brought it up (the first start fills the
         # database while the page is already open).

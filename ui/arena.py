@@ -8,8 +8,8 @@ import time
 import gradio as gr
 
 from rlhf import arena
-from rlhf.quality import VoteRateLimiter
 from rlhf.metrics import rate_vote, rubric_pair
+from rlhf.quality import VoteRateLimiter
 from rlhf.settings import Settings
 from storage import ratings
 from storage.db import Store
@@ -61,13 +61,15 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
             gr.Markdown("### Story B")
             story_b = gr.HTML(elem_id="story-b")
     with gr.Row(elem_id="vote-bar"):
-        buttons = {c: gr.Button(f"{label} ({SHORTCUTS[c]})", elem_id=f"vote-{c}", variant="primary" if c in "ab" else "secondary")
+        buttons = {c: gr.Button(f"{label} ({SHORTCUTS[c]})", elem_id=f"vote-{c}",
+                                variant="primary" if c in "ab" else "secondary")
                    for c, label in CHOICE_LABELS.items()}
         skip = gr.Button("Skip (S)", elem_id="skip-pair")
     with gr.Row():
         reports = {t: gr.Button(f"{label} ({key})", elem_id=f"report-{t}", size="sm")
                    for t, (label, key) in REPORT_LABELS.items()}
-    rationale = gr.Textbox(label="Why? (optional)", max_lines=4, max_length=settings.max_rationale_chars, elem_id="rationale")
+    rationale = gr.Textbox(label="Why? (optional)", max_lines=4, max_length=settings.max_rationale_chars,
+                           elem_id="rationale")
     with gr.Row():
         reveal = gr.HTML(elem_id="reveal")
         undo = gr.Button("Undo last vote (U)", elem_id="undo-vote", size="sm")
@@ -82,10 +84,13 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
 
     def show(view: arena.PairView | None, who: dict | None):
         if who is None:
-            return ("Sign in with a name (top of the page) to start voting.", "", "", "", None, "", gr.Timer(active=False))
+            return ("Sign in with a name (top of the page) to start voting.", "", "", "", None, "",
+                    gr.Timer(active=False))
         count = arena.vote_count(store, who["id"])
         if view is None:
-            waiting = arena.preparing_message(store) or "No new pairs for you right now: more stories are being written. This page checks again every few seconds."
+            waiting = arena.preparing_message(store) or (
+                "No new pairs for you right now: more stories are being written. "
+                "This page checks again every few seconds.")
             return (f"**{html.escape(waiting)}** · your votes: {count}", "", "", "", None, "", gr.Timer(active=True))
         return (
             f"Which story is better? · your votes: **{count}**",
@@ -94,7 +99,8 @@ def build_arena_tab(settings: Settings, store: Store, session: gr.State) -> dict
         )
 
     def next_for(who: dict) -> arena.PairView | None:
-        return arena.next_pair(store, who["id"], gold_rate=settings.gold_rate, prompt_sources=settings.pair_prompt_sources,
+        return arena.next_pair(store, who["id"], gold_rate=settings.gold_rate,
+                               prompt_sources=settings.pair_prompt_sources,
                                collections=settings.pair_prompt_collections)
 
     def load_pair(who: dict | None, current: arena.PairView | None):
