@@ -71,12 +71,14 @@ from rlhf.scoring import (
     POOLERS,
     HeadFeatures,
     PreferenceHead,
-    encode_pair,
+    completion_logps,
     last_token_states,
     load_head,
     sampling_decoding,
     save_head,
     score_new_completions,
+    token_collator,
+    token_pairs,
 )
 from rlhf.settings import Settings
 from rlhf.training import (
@@ -251,12 +253,6 @@ def conservative_dpo_loss(chosen_logratio: torch.Tensor, rejected_logratio: torc
 DPH_LOSSES = {"separable": separable_loss, "contrastive": contrastive_loss}
 
 
-def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probabilities of the completion tokens (story + end token) per row."""
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
-    return (logps * completion_mask[:, 1:]).sum(-1)
-
-
 class DPHObjective(nn.Module):
     """What the Trainer minimises: w_dph * DPH loss on the head's rewards, plus w_dpo *
     cDPO on the LM. Batches hold the chosen rows, then the rejected rows: cached features
@@ -310,34 +306,6 @@ def _policy_name(base: ModelRecord) -> str:
 def _context(lm) -> int | None:
     config = lm.config.get_text_config()
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def token_pairs(tokenizer, records: list[dict], max_length: int) -> list[dict]:
-    """Each preference record as chosen and rejected token ids with their prompt lengths."""
-    rows = []
-    for r in records:
-        chosen, chosen_prompt = encode_pair(tokenizer, r["prompt"], r["chosen"], max_length)
-        rejected, rejected_prompt = encode_pair(tokenizer, r["prompt"], r["rejected"], max_length)
-        rows.append({"chosen": chosen, "chosen_prompt": chosen_prompt,
-                     "rejected": rejected, "rejected_prompt": rejected_prompt})
-    return rows
-
-
-def token_collator(pad_id: int) -> Callable[[list[dict]], dict]:
-    """Right-padded chosen rows then rejected rows, with the completion (story + end) mask."""
-    def collate(rows: list[dict]) -> dict:
-        seqs = [(r["chosen"], r["chosen_prompt"]) for r in rows] + [(r["rejected"], r["rejected_prompt"]) for r in rows]
-        width = max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        completion_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
-        for row, (ids, prompt_len) in enumerate(seqs):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            completion_mask[row, prompt_len: len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-
-    return collate
 
 
 def feature_collator(rows: list[dict]) -> dict:

@@ -217,7 +217,7 @@ def implicit_reward_margins(model, ref_model, tokenizer, records: list[dict], be
     being log pi(story | prompt) - log pi_ref(story | prompt) over the story and its end
     token. The reference is ref_model, or with LoRA (ref_model None) the same network with
     its adapter disabled, as in training."""
-    from rlhf.dph import completion_logps, token_collator, token_pairs
+    from rlhf.scoring import completion_logps, token_collator, token_pairs
 
     device = next(model.parameters()).device
     collate = token_collator(tokenizer.pad_token_id)

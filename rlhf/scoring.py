@@ -335,3 +335,39 @@ def best_of_k(model, tokenizer, prompts: Sequence[str], decoding: Decoding, k: i
         winner = max(range(i * k, (i + 1) * k), key=lambda j: rewards[j])
         best.append(replace(candidates[winner], ms=ms))
     return best
+
+
+# --- preference pairs as tokens (DPH's LoRA/full modes and DPO's held-out margins) ----------
+
+def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities of the completion tokens (story + end token) per row."""
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    return (logps * completion_mask[:, 1:]).sum(-1)
+
+
+def token_pairs(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+    """Each preference record as chosen and rejected token ids with their prompt lengths."""
+    rows = []
+    for r in records:
+        chosen, chosen_prompt = encode_pair(tokenizer, r["prompt"], r["chosen"], max_length)
+        rejected, rejected_prompt = encode_pair(tokenizer, r["prompt"], r["rejected"], max_length)
+        rows.append({"chosen": chosen, "chosen_prompt": chosen_prompt,
+                     "rejected": rejected, "rejected_prompt": rejected_prompt})
+    return rows
+
+
+def token_collator(pad_id: int) -> Callable[[list[dict]], dict]:
+    """Right-padded chosen rows then rejected rows, with the completion (story + end) mask."""
+    def collate(rows: list[dict]) -> dict:
+        seqs = [(r["chosen"], r["chosen_prompt"]) for r in rows] + [(r["rejected"], r["rejected_prompt"]) for r in rows]
+        width = max(len(ids) for ids, _ in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+        for row, (ids, prompt_len) in enumerate(seqs):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            completion_mask[row, prompt_len: len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+    return collate

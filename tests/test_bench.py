@@ -64,7 +64,8 @@ def test_quick_run_prints_one_json_document_with_every_part():
     assert loop["reward"]["votes_used"] > 0
     assert set(loop["methods"]) == {"rloo", "dpo", "dph-bo4", "rm-bo4", "raft"}
     for method in loop["methods"].values():
-        assert method["pairs"] == loop["eval_prompts"]
+        # A random model's story can fail the content check (rlhf.safety) and is then kept out.
+        assert loop["eval_prompts"] // 2 < method["pairs"] <= loop["eval_prompts"]
         low, high = method["ci95"]
         assert 0.0 <= low <= method["win_rate"] <= high <= 1.0
         assert method["wins"] + method["losses"] + method["ties"] == method["pairs"]

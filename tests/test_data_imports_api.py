@@ -38,7 +38,7 @@ def test_imports_themes_and_reviews_are_for_researchers_only(app, tmp_path):
                    " (SELECT count(*) FROM content_themes)")
     prefs = tmp_path / "p.jsonl"
     prefs.write_text(json.dumps({"prompt": "A story.", "chosen": "Good.", "rejected": "Bad."}) + "\n")
-    for client in (gradio_client.Client(url, verbose=False), signed_in(url, "Rita")):  # never signed in; an annotator
+    for client in (gradio_client.Client(url, verbose=False), signed_in(url, "Nora")):  # never signed in; an annotator
         with pytest.raises(AppError, match="researcher role|Sign in"):
             client.predict("mine", None, "Write a story about a cat.", "all", api_name="/add_prompts")
         with pytest.raises(AppError, match="researcher role|Sign in"):

@@ -99,7 +99,7 @@ def test_generated_stories_that_fail_are_stored_with_the_reason_and_never_paired
     policies = models.list_models(store.db, active_only=True)
     texts = iter(["The moon smiled at the owl.", "They tripped over a corpse in the dark."])
     monkeypatch.setattr(pool, "generate_stories",
-                        lambda model, tokenizer, prompts, *args, **kwargs: [Story(next(texts), 5, 1.0)
+                        lambda model, tokenizer, prompts, *args, **kwargs: [Story(next(texts), 5, 1.0, False)
                                                                             for _ in prompts])
     pool.fill_pool(store, settings, [p.id for p in policies], settings.pool_prompts, lambda f, m: None)
     stories = {c["model_id"]: c for c in store.db["completions"].rows_where("prompt_id = ?", [new_prompt])}

@@ -47,7 +47,6 @@ table.jobs td, table.jobs th {
 TOKEN_STORAGE_KEY = "story-arena-token"
 SEND_TOKEN_JS = f"(name, key, token) => [name, key, localStorage.getItem('{TOKEN_STORAGE_KEY}') || '']"
 KEEP_TOKEN_JS = f"(token) => {{ if (token) localStorage.setItem('{TOKEN_STORAGE_KEY}', token); }}"
-FIRST_START_REFRESH_S = 5.0
 # Temporary files (uploads, downloads) are deleted hourly once an hour old.
 DELETE_CACHE = (3600, 3600)
 
@@ -144,13 +143,6 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
         for tab, load, inputs, outputs in tab_contents:
             demo.load(load, inputs, outputs, api_visibility="private")
             tab.select(load, inputs, outputs, api_visibility="private", show_progress="hidden")
-        # While the first start writes the pool, every tab refills itself every few seconds, so
-        # one opened meanwhile never waits for a Refresh click; the timer stops once it is done.
-        first_start = gr.Timer(FIRST_START_REFRESH_S, active=arena.preparing_message(store) is not None)
-        for _, load, inputs, outputs in tab_contents:
-            first_start.tick(load, inputs, outputs, api_visibility="private", show_progress="hidden")
-        first_start.tick(lambda: gr.Timer(active=arena.preparing_message(store) is not None), None, first_start,
-                         api_visibility="private", show_progress="hidden")
     return demo, {
         "css": CSS, "head": KEYBOARD_JS + RUBRIC_JS,
         "max_file_size": int(settings.max_upload_mb * 1024 * 1024),
