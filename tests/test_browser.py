@@ -38,6 +38,8 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Chro
 def arena(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("browser-arena")
     with running_app(data_dir, env={"STORY_ARENA_RESEARCHERS": "rita"}, extra_args=TINY_ARGS) as (url, _):
+        # The first pair comes before the rest of the pool: these tests vote on several pairs in a row.
+        wait_for_pool(data_dir)
         yield url, data_dir
 
 
