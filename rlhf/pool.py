@@ -9,7 +9,7 @@ others still get their stories; only when no policy loads does the job fail.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from rlhf import safety
 from rlhf.generate import Decoding, generate_stories
@@ -25,13 +25,16 @@ Progress = Callable[[float, str], None]
 def fill_pool(
     store: Store, settings: Settings, model_ids: Sequence[int], prompt_limit: int | None,
     progress: Progress, seed: int | None = None, after_batch: Callable[[int], object] | None = None,
+    only: Collection[int] | None = None,
 ) -> int:
-    """Generate the missing stories of `model_ids` among the first `prompt_limit` prompts;
-    `after_batch(policy_id)` runs once each batch of a policy's stories is stored."""
+    """Generate the missing stories of `model_ids` among the first `prompt_limit` prompts
+    (of those, only the ids in `only` when given); `after_batch(policy_id)` runs once each
+    batch of a policy's stories is stored."""
     db = store.db
     policies = [models.get_model(db, i) for i in model_ids]
     todo = {
-        p.id: {r["id"]: r["text"] for r in completions.prompts_without_completion(db, p.id, prompt_limit)}
+        p.id: {r["id"]: r["text"] for r in completions.prompts_without_completion(db, p.id, prompt_limit)
+               if only is None or r["id"] in only}
         for p in policies
     }
     total = sum(len(t) for t in todo.values())
