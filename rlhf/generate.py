@@ -180,7 +180,31 @@ def generate_stories(
     return stories
 
 
-# --- Live stories: several policies' decodings in one batch, streamed ------------------------
+# --- Several policies' decodings in one batch (pools of shared weights; live battles) --------
+
+
+def generate_rows(
+    model, tokenizer, prompts: Sequence[str], decodings: Sequence[Decoding], max_new_tokens: int,
+    seed: int | None = None,
+) -> list[Story]:
+    """One story per (prompt, decoding) row in ONE batched generate call, each row sampled
+    with its own decoding (RowDecoding): policies that share weights write together, which
+    on CPU costs little more than one of them alone (bench/generation.py)."""
+    texts = [format_prompt(tokenizer, p) for p in prompts]
+    eos_ids = _eos_ids(model, tokenizer)
+    devices = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _generate_rows(model, tokenizer, texts, decodings, max_new_tokens, eos_ids)
+
+
+def _generate_rows(model, tokenizer, texts: list[str], decodings: Sequence[Decoding], max_new_tokens: int,
+                   eos_ids: list[int], streamer: BaseStreamer | None = None) -> list[Story]:
+    # generate's own sampling settings are neutral; RowDecoding applies each row's.
+    plain = Decoding(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    return _generate_batch(model, tokenizer, texts, plain, eos_ids, streamer,
+                           LogitsProcessorList([RowDecoding(decodings)]))
 
 
 class RowDecoding(LogitsProcessor):
@@ -252,7 +276,6 @@ def stream_stories(
     eos_ids = _eos_ids(model, tokenizer)
     updates: queue.Queue = queue.Queue()
     streamer = BatchStreamer(updates)
-    plain = Decoding(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens)
     result: dict = {}
 
     def run() -> None:
@@ -261,8 +284,8 @@ def stream_stories(
             with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
                 if seed is not None:
                     torch.manual_seed(seed)
-                result["stories"] = _generate_batch(model, tokenizer, texts, plain, eos_ids, streamer,
-                                                    LogitsProcessorList([RowDecoding(decodings)]))
+                result["stories"] = _generate_rows(model, tokenizer, texts, decodings, max_new_tokens, eos_ids,
+                                                   streamer)
         except Exception as exc:  # handed to the reading thread, which raises it
             result["error"] = exc
         finally:

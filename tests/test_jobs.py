@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.app_server import wait_for
-from rlhf import jobs
+from rlhf import jobs, pool
 from rlhf.jobs import HEAVY, LIGHT, JobWorker, job_lane
 from rlhf.pool import fill_pool
 from rlhf.progress import JobProgress
@@ -277,6 +278,38 @@ def test_each_stored_batch_is_handed_on_at_once(arena_dir):
                         after_batch=lambda model_id: seen.append((model_id, stored())))
     assert written == 4
     assert seen == [(policy.id, before + 2), (policy.id, before + 4)]
+
+
+def test_policies_sharing_weights_write_each_batch_in_one_call(arena_dir, monkeypatch):
+    """The starter's two decodings write together (one generate call a batch, each row with its
+    own policy's decoding); `only` keeps the pool job to the prompts it names."""
+    settings, store = arena_dir
+    db = store.db
+    policies = [models.get_model_by_name(db, name) for name in ("tiny-t0.7", "tiny-t1.0")]
+    calls = []
+
+    def counted_rows(model, tokenizer, texts, decodings, max_new_tokens, seed=None):
+        calls.append(sorted({d.temperature for d in decodings}))
+        return real_rows(model, tokenizer, texts, decodings, max_new_tokens, seed)
+
+    def no_single_calls(*args, **kwargs):
+        raise AssertionError("a policy sharing weights wrote on its own")
+
+    real_rows = pool.generate_rows
+    monkeypatch.setattr(pool, "generate_rows", counted_rows)
+    monkeypatch.setattr(pool, "generate_stories", no_single_calls)
+    small_batches = dataclasses.replace(settings, generation_batch_size=2, max_new_tokens=8)
+    ids = [p.id for p in policies]
+    new_prompts = [r["id"] for r in completions.prompts_without_completion(db, ids[0], settings.pool_prompts + 3)]
+    assert fill_pool(store, small_batches, ids, settings.pool_prompts + 3, lambda f, m: None,
+                     only=set(new_prompts[:1])) == 2
+    assert fill_pool(store, small_batches, ids, settings.pool_prompts + 3, lambda f, m: None) == 4
+    assert calls == [[0.7, 1.0]] * 2  # the first pair's call, then the two left in one batch
+    for policy in policies:
+        stored = {c["prompt_id"]: json.loads(c["gen_params"]) for c in db.query(
+            "SELECT prompt_id, gen_params FROM completions WHERE model_id = ?", [policy.id])}
+        assert set(new_prompts) <= set(stored)
+        assert {stored[i]["temperature"] for i in new_prompts} == {policy.decoding["temperature"]}
 
 
 def test_the_jobs_table_shows_each_jobs_lane_and_curve(arena_dir):
