@@ -12,10 +12,9 @@ import signal
 import sys
 
 from rlhf.jobs import JobWorker
-from rlhf.prepare import needs_prepare
 from rlhf.settings import Settings, add_arguments, from_args
+from rlhf.starters import needs_prepare
 from storage import jobs as job_rows
-from ui.app import build_ui
 
 
 def _is_loopback(host: str) -> bool:
@@ -55,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn believes X-Forwarded-For only from these hosts (by default it trusts 127.0.0.1,
     # so a local client could pick any address for the per-address limits).
     os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
+    # Imported only now: Gradio and the tabs take seconds to import, and the first start's
+    # prepare job (converting the starter, writing the first pair) runs meanwhile.
+    from ui.app import build_ui
+
     demo, launch_kwargs = build_ui(settings, store)
     print(f"Story Arena: data in {settings.data_dir}", file=sys.stderr)
     try:

@@ -36,9 +36,9 @@ from rlhf.models import (
     prepare_starter,
     resolve_device,
 )
-from rlhf.prepare import STARTER_POLICIES
 from rlhf.prompts import SEED_PROMPTS
 from rlhf.settings import Settings
+from rlhf.starters import STARTER_POLICIES
 from rlhf.story_metrics import story_metric_values
 
 QUICK_PROMPTS = 8

@@ -14,7 +14,8 @@ import re
 import pytest
 
 from rlhf import arena
-from rlhf.prepare import STARTER_POLICIES, needs_prepare, prepare
+from rlhf.prepare import prepare
+from rlhf.starters import STARTER_POLICIES, needs_prepare
 from storage import completions, models, prompts
 from storage import jobs as job_rows
 from tests.conftest import run_cli

@@ -167,7 +167,7 @@ def test_decodings_stored_before_no_repeat_ngram_size_still_load():
 
 
 def test_starter_policy_decodings_are_valid_and_the_real_starter_avoids_loops():
-    from rlhf.prepare import STARTER_POLICIES
+    from rlhf.starters import STARTER_POLICIES
 
     decodings = {name: Decoding.from_dict(d) for policies in STARTER_POLICIES.values() for name, d in policies}
     assert all(decodings[name].no_repeat_ngram_size > 0 for name, _ in STARTER_POLICIES["smollm2"])
