@@ -54,8 +54,9 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ from torch import nn
 
 from rlhf.heldout import pairwise_report
 from rlhf.models import resolve_device
-from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, param
 from rlhf.progress import JobProgress
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
 from rlhf.scoring import (
@@ -124,12 +125,15 @@ STEP_CAPS = {"quick": {"head": 400, "lora": 32, "full": 32}, "full": {"head": 20
 
 
 @dataclass(frozen=True)
-class DPHParams:
+class DPHParams(JobParams):
     """A DPH job's parameters, validated; the preset (per mode) fills what was not given.
 
     learning_rate is the head's; lm_learning_rate (lora/full) defaults to the LoRA or
     full fine-tuning rate of rlhf.training.
     """
+
+    LABEL: ClassVar[str] = "DPH"
+    REQUIRED: ClassVar[dict] = {"base": "Choose a base policy for DPH (parameter base: a policy id)."}
 
     base: int = param(help="the policy whose LM the head reads", low=1, high=MODEL_ID_RANGE[1])
     mode: str = param("head", "head: train the head on the frozen LM; lora / full: train the LM too", choices=MODES)
@@ -165,23 +169,14 @@ class DPHParams:
                              "predictions for votes on older stories)")
     sources: str = sources_param()
     datasets: str | None = datasets_param()
-    explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "explicit"]
-
-    @classmethod
-    def from_dict(cls, params) -> DPHParams:
-        given = given_params("DPH", params, cls.keys())
+    def preset_values(cls, given: dict) -> dict:
         preset = check_field(cls, "preset", given.get("preset", "quick"))
-        mode = check_field(cls, "mode", given.get("mode", "head"))
-        if "base" not in given:
-            raise ValueError("Choose a base policy for DPH (parameter base: a policy id).")
-        return cls(**{**PRESET_VALUES[preset][mode], **given, "preset": preset}, explicit=frozenset(given))
+        return {**PRESET_VALUES[preset][check_field(cls, "mode", given.get("mode", "head"))], "preset": preset}
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         dataset_names(self.sources, self.datasets)
         if self.w_dpo and self.mode == "head":
             raise ValueError("w_dpo trains the LM with DPO: choose mode lora or full (mode head keeps the LM frozen).")

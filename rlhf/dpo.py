@@ -38,7 +38,8 @@ import contextlib
 import math
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from datasets import Dataset
@@ -46,7 +47,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from rlhf.generate import prompt_and_story
 from rlhf.heldout import pairwise_report
-from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
     ProgressCallback,
@@ -87,8 +88,11 @@ NAME_LIMIT = 60
 
 
 @dataclass(frozen=True)
-class DPOParams:
+class DPOParams(JobParams):
     """A DPO job's parameters, validated; the preset fills what was not given."""
+
+    LABEL: ClassVar[str] = "DPO"
+    REQUIRED: ClassVar[dict] = {"base": "Choose a base policy for DPO (parameter base: a policy id)."}
 
     base: int = param(help="the policy to start from (and the reference)", low=1, high=MODEL_ID_RANGE[1])
     loss_type: str = param("sigmoid", "sigmoid (DPO), ipo, or robust (rDPO: some labels assumed flipped)",
@@ -116,22 +120,14 @@ class DPOParams:
                                "saving; 0: no limit", low=0, high=7 * 24 * 60)
     sources: str = sources_param()
     datasets: str | None = datasets_param()
-    explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "explicit"]
-
-    @classmethod
-    def from_dict(cls, params: dict) -> DPOParams:
-        given = given_params("DPO", params, cls.keys())
+    def preset_values(cls, given: dict) -> dict:
         preset = check_field(cls, "preset", given.get("preset", "quick"))
-        if "base" not in given:
-            raise ValueError("Choose a base policy for DPO (parameter base: a policy id).")
-        return cls(**{**PRESETS[preset], **given, "preset": preset}, explicit=frozenset(given))
+        return {**PRESETS[preset], "preset": preset}
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         dataset_names(self.sources, self.datasets)
         if self.label_smoothing is not None and self.loss_type != "robust":
             raise ValueError(

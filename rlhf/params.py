@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import ClassVar
 
 
 def check_whole(name: str, value, low: int, high: int) -> int:
@@ -143,3 +144,39 @@ def markdown_table(params_class) -> str:
         default = f"`{json.dumps(p['default'])}`" if "default" in p else "required"
         rows.append(f"| `{p['name']}` | {default} | {p['allowed']} | {p['help']} |")
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What every kind's parameters share (subclass it as a frozen dataclass): each documented
+    field is checked on construction; `from_dict` reads the job's JSON object (unknown keys
+    refused, None meaning unset), refuses it without a REQUIRED key, and lays the job's own
+    keys over the defaults `preset_values` picks; `explicit` keeps which keys the job gave,
+    so a preset's budget can still be sized by the data where the job set none."""
+
+    LABEL: ClassVar[str] = "job"
+    REQUIRED: ClassVar[Mapping[str, str]] = {}  # key -> the error when the job lacks it
+    explicit: frozenset[str] = field(default=frozenset(), kw_only=True, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "explicit"]
+
+    @classmethod
+    def preset_values(cls, given: dict) -> dict:
+        """Defaults that depend on the given keys (a preset's budget); none unless a kind says so."""
+        return {}
+
+    @classmethod
+    def from_dict(cls, params: Mapping | None):
+        given = given_params(cls.LABEL, params, cls.keys())
+        for key, error in cls.REQUIRED.items():
+            if key not in given:
+                raise ValueError(error)
+        return cls(**{**cls.preset_values(given), **given}, explicit=frozenset(given))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "explicit"}

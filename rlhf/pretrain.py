@@ -58,9 +58,10 @@ import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ from transformers import (
 
 from rlhf.generate import format_prompt
 from rlhf.models import resolve_device, train_bpe_tokenizer
-from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, check_whole, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, check_whole, param
 from rlhf.policies import POLICY_NAME
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.settings import Settings
@@ -176,7 +177,7 @@ def _check_file(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class PretrainParams:
+class PretrainParams(JobParams):
     """A pretraining job's parameters, validated; the size's preset fills what was not given."""
 
     corpus: dict = param(help='{"file": path}, {"hub": dataset id, "split", "text_field"} or {"distill": policy id}')
@@ -194,24 +195,20 @@ class PretrainParams:
     arena_every: int | None = param(None, "every N steps a checkpoint also joins the arena", low=1, high=1_000_000)
     name: str | None = param(None, "the policy's name (1-60 letters, digits, '.', '_', '-')")
 
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    LABEL: ClassVar[str] = "pretrain"
+    REQUIRED: ClassVar[dict] = {"corpus": 'Choose a corpus, e.g. {"file": "stories.txt"}, '
+                                          '{"hub": "roneneldan/TinyStories"} or {"distill": <policy id>}.'}
 
     @classmethod
-    def from_dict(cls, params: Mapping | None) -> PretrainParams:
-        given = given_params("pretrain", params, cls.keys())
-        if "corpus" not in given:
-            raise ValueError('Choose a corpus, e.g. {"file": "stories.txt"}, {"hub": "roneneldan/TinyStories"} '
-                             'or {"distill": <policy id>}.')
+    def preset_values(cls, given: dict) -> dict:
         size = check_field(cls, "size", given.get("size", "small"))
         preset = check_field(cls, "preset", given.get("preset", "quick"))
         budget = {k: v for k, v in PRESETS[size][preset].items() if k not in INTERNAL_BUDGETS}
-        return cls(**{**budget, **given, "size": size, "preset": preset})
+        return {**budget, "size": size, "preset": preset}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "corpus", _check_corpus(self.corpus))
-        check_fields(self)
+        super().__post_init__()
         if self.name is not None and (not isinstance(self.name, str) or not POLICY_NAME.match(self.name)):
             raise ValueError("name: 1-60 letters, digits, '.', '_' or '-', starting with a letter or digit.")
 

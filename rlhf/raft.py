@@ -28,15 +28,15 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 from rlhf import scoring
 from rlhf.divergence import sampled_kl
 from rlhf.generate import Decoding, generate_stories, prompt_and_story
 from rlhf.heldout import split_by_prompt
 from rlhf.models import resolve_device
-from rlhf.params import MODEL_ID_RANGE, check_fields, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
     ProgressCallback,
@@ -58,8 +58,12 @@ EVAL_SEED = 20240501
 
 
 @dataclass(frozen=True)
-class RaftParams:
+class RaftParams(JobParams):
     """A RAFT job's parameters; every value is checked on construction."""
+
+    LABEL: ClassVar[str] = "RAFT"
+    REQUIRED: ClassVar[dict] = {"base": "RAFT needs base: the id of the base policy.",
+                                "reward_model": "RAFT needs reward_model: the id of the reward model (or DPH head)."}
 
     base: int = param(help="the policy to improve (its decoding writes the samples)", low=1, high=MODEL_ID_RANGE[1])
     reward_model: int = param(help="the reward model (or DPH head) that picks the best of k", low=1,
@@ -83,20 +87,6 @@ class RaftParams:
                             low=1, high=10)
     seed: int = param(0, "random seed", low=0, high=2**32 - 1)
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    @classmethod
-    def from_dict(cls, params: Mapping) -> RaftParams:
-        """The explicit keys over the defaults; unknown keys are an error, None means unset."""
-        given = given_params("RAFT", params, [f.name for f in fields(cls)])
-        for key, what in (("base", "base policy"), ("reward_model", "reward model (or DPH head)")):
-            if key not in given:
-                raise ValueError(f"RAFT needs {key}: the id of the {what}.")
-        return cls(**given)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def prompt_split(store, source: str, count: int) -> tuple[list[str], list[str]]:

@@ -46,8 +46,9 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -55,7 +56,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rlhf.encoders import minilm_dir
 from rlhf.heldout import pairwise_report
 from rlhf.models import ModelLoadError, resolve_device
-from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
 from rlhf.scoring import META_FILE, encode, make_scorer, model_limit, score_new_completions
 from rlhf.training import (
@@ -95,7 +96,7 @@ STEP_CAPS = {"quick": {"policy": 120, "minilm": 100}, "full": {"policy": 5000, "
 
 
 @dataclass(frozen=True)
-class RewardParams:
+class RewardParams(JobParams):
     """Validated parameters of a reward job (see the module docstring).
 
     weak_labels adds the stored weak votes (rlhf.weak, the `weak` job) to the training
@@ -104,6 +105,8 @@ class RewardParams:
     sampling gives each weak pair weak_weight times a human pair's expected share of the
     loss). Held-out evaluation and min_pairs count human votes only.
     """
+
+    LABEL: ClassVar[str] = "reward"
 
     base: int | None = param(None, "the policy whose weights start it (unset: the first starter)", low=1,
                              high=MODEL_ID_RANGE[1])
@@ -130,24 +133,23 @@ class RewardParams:
     datasets: str | None = datasets_param()
     score_pool: bool = param(False, "also score the existing story pool (live predictions for votes on older "
                              "stories; new stories are scored as they are written)")
-    explicit: frozenset[str] = frozenset()  # the keys the job gave (not from the preset)
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> RewardParams:
-        given = given_params("reward", params, [f.name for f in fields(cls) if f.name != "explicit"])
-        preset = check_field(cls, "preset", given.get("preset", "quick"))
-        backbone = check_field(cls, "backbone", given.get("backbone", "policy"))
-        base = given.get("base")
+        """As every kind's; a base typed as digits (the Train tab's text box) counts as its id."""
+        base = params.get("base") if isinstance(params, Mapping) else None
         if isinstance(base, str) and base.strip().isdigit():
-            given["base"] = int(base)
-        return cls(**{**PRESET_VALUES[preset][backbone], **given}, explicit=frozenset(given))
+            params = {**params, "base": int(base)}
+        return super().from_dict(params)
+
+    @classmethod
+    def preset_values(cls, given: dict) -> dict:
+        preset = check_field(cls, "preset", given.get("preset", "quick"))
+        return PRESET_VALUES[preset][check_field(cls, "backbone", given.get("backbone", "policy"))]
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         dataset_names(self.sources, self.datasets)
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "explicit"}
 
     def steps_for(self, train_pairs: int) -> int:
         """An explicit max_steps as is; else the preset's, sized by the data (steps_for_data)."""

@@ -27,15 +27,16 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from rlhf import scoring
 from rlhf.generate import SYSTEM_PROMPT, Decoding, format_prompt, generate_stories
 from rlhf.models import resolve_device
-from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.scoring import Scorer
 from rlhf.settings import Settings
@@ -66,13 +67,19 @@ POLICY_DIR = "policy"
 TRAIN_START, TRAIN_SHARE = 0.1, 0.8
 
 @dataclass(frozen=True)
-class RlooParams:
+class RlooParams(JobParams):
     """An RLOO job's parameters; every value is checked on construction.
 
     learning_rate, lora and temperature left as None are chosen per model: the learning
     rate by whether LoRA is used, LoRA by the base's size, the temperature (and top_p)
     from the base policy's decoding, which the new policy also inherits.
     """
+
+    LABEL: ClassVar[str] = "RLOO"
+    REQUIRED: ClassVar[dict] = {
+        "base": "RLOO needs base: the id of the base policy.",
+        "reward_model": "RLOO needs reward_model: the id of the reward model (a model of kind reward).",
+    }
 
     base: int = param(help="the policy to train (and the KL reference)", low=1, high=MODEL_ID_RANGE[1])
     reward_model: int = param(help="the reward model (or DPH head) that scores its stories", low=1,
@@ -93,22 +100,9 @@ class RlooParams:
                                       low_open=True)
     seed: int = param(0, "random seed", low=0, high=2**32 - 1)
 
-    def __post_init__(self) -> None:
-        check_fields(self)
-
     @classmethod
-    def from_dict(cls, params: Mapping) -> RlooParams:
-        """Preset budgets, then the explicit keys; unknown keys are an error, None means unset."""
-        given = given_params("RLOO", params, [f.name for f in fields(cls)])
-        for key in ("base", "reward_model"):
-            if key not in given:
-                what = "base policy" if key == "base" else "reward model (a model of kind reward)"
-                raise ValueError(f"RLOO needs {key}: the id of the {what}.")
-        preset = check_field(cls, "preset", given.get("preset", "quick"))
-        return cls(**{**PRESETS[preset], **given})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def preset_values(cls, given: dict) -> dict:
+        return PRESETS[check_field(cls, "preset", given.get("preset", "quick"))]
 
 
 def run(ctx: JobContext) -> JobResult:

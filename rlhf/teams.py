@@ -59,15 +59,16 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from rlhf import safety
 from rlhf.encoders import MiniLMEncoder, dictionary_words, one_torch_thread
-from rlhf.params import MODEL_ID_RANGE, check_field, check_fields, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, param
 from rlhf.prompts import required_words
 from rlhf.runner import JobContext, JobResult, Kind
 from rlhf.settings import Settings
@@ -618,7 +619,7 @@ def evolution_report(run: Evolution, instructor, max_chars: int) -> dict:
 # --- the job -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TeamsParams:
+class TeamsParams(JobParams):
     """Validated parameters of a `teams` job (see the module docstring)."""
 
     preset: str = param("quick", "query budget: quick or full", choices=PRESETS)
@@ -637,17 +638,11 @@ class TeamsParams:
     temperature: float = param(0.8, "the expert's sampling temperature", low=0.0, high=2.0, low_open=True)
     seed: int = param(0, "random seed", low=0, high=2**31 - 1)
 
+    LABEL: ClassVar[str] = "teams"
+
     @classmethod
-    def from_dict(cls, params: Mapping | None) -> TeamsParams:
-        given = given_params("teams", params, [f.name for f in fields(cls)])
-        preset = check_field(cls, "preset", given.get("preset", "quick"))
-        return cls(**{"budget": PRESETS[preset], **given})
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def preset_values(cls, given: dict) -> dict:
+        return {"budget": PRESETS[check_field(cls, "preset", given.get("preset", "quick"))]}
 
 
 def make_instructor(p: TeamsParams):

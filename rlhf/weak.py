@@ -28,12 +28,13 @@ model epochs, overrides the preset), threshold (confidence a weak vote needs, in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from rlhf.params import check_field, check_fields, given_params, param
+from rlhf.params import JobParams, check_field, param
 from rlhf.runner import JobContext, JobResult, Kind
 from rlhf.story_metrics import (
     LOOP_MIN_REPEATS,
@@ -208,7 +209,7 @@ def confident(p_a: np.ndarray, threshold: float) -> np.ndarray:
 # --- the job ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class WeakParams:
+class WeakParams(JobParams):
     """Validated parameters of a weak-labelling job (see the module docstring)."""
 
     preset: str = param("quick", "label-model budget: quick or full", choices=PRESETS)
@@ -216,17 +217,11 @@ class WeakParams:
     threshold: float = param(0.7, "weak labels kept at this confidence or more", low=0.5, high=1.0)
     seed: int = param(0, "random seed", low=0, high=2**31 - 1)
 
+    LABEL: ClassVar[str] = "weak"
+
     @classmethod
-    def from_dict(cls, params: Mapping | None) -> WeakParams:
-        given = given_params("weak", params, [f.name for f in fields(cls)])
-        preset = check_field(cls, "preset", given.get("preset", "quick"))
-        return cls(**{"max_steps": PRESETS[preset], **given})
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def preset_values(cls, given: dict) -> dict:
+        return {"max_steps": PRESETS[check_field(cls, "preset", given.get("preset", "quick"))]}
 
 
 @dataclass
