@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from bench.app_server import running_app
+from bench.workdir import work_dir
 from rlhf import arena
 from storage import annotators
 from storage.db import Store
@@ -50,18 +49,13 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, help="data dir to use (default: a temporary one, removed)")
     args = parser.parse_args()
 
-    data_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="story-arena-first-start-"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.work_dir, "story-arena-first-start-") as data_dir:
         if any(data_dir.iterdir()):
             parser.error(f"{data_dir} is not empty: the bench needs a first start")
         started = time.monotonic()
         with running_app(data_dir, extra_args=["--starter", args.starter], start_timeout=args.timeout):
             page_s = time.monotonic() - started
             pair_s = first_pair_seconds(data_dir, started, args.timeout)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(data_dir, ignore_errors=True)
     print(json.dumps({
         "starter": args.starter, "machine": platform.machine(),
         "page_answers_s": round(page_s, 1), "first_votable_pair_s": round(pair_s, 1),

@@ -28,13 +28,12 @@ import math
 import platform
 import random
 import re
-import shutil
 import sqlite3
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from bench.workdir import work_dir
 from rlhf import arena
 from rlhf.prompts import SEED_PROMPTS
 from storage import annotators, completions, models, prompts, scores, votes
@@ -271,13 +270,8 @@ def main() -> None:
     args = parser.parse_args()
 
     sizes = sorted({int(float(s)) for s in args.sizes.split(",")} | ({1_000_000} if args.large else set()))
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="story-arena-bench-storage-"))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        report = run(sizes, args.ops, args.rounds, work_dir, args.seed)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    with work_dir(args.work_dir, "story-arena-bench-storage-") as folder:
+        report = run(sizes, args.ops, args.rounds, folder, args.seed)
     print(json.dumps(report, indent=2))
 
 

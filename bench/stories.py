@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from scipy import stats
 
+from bench.workdir import work_dir
 from rlhf.generate import Decoding, generate_stories
 from rlhf.metrics import t_interval
 from rlhf.models import (
@@ -133,16 +132,11 @@ def main() -> None:
                      else starter_decodings(args.starter, args.max_new_tokens))
     except ValueError as exc:
         parser.error(str(exc))
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="stories-bench-")) if temporary else args.work_dir
-    try:
-        models_dir = work_dir / "models"
+    with work_dir(args.work_dir, "stories-bench-") as folder:
+        models_dir = folder / "models"
         source = (build_tiny_starter(models_dir, SEED_PROMPTS) if args.starter == "tiny"
                   else prepare_starter(models_dir))
         report = run(str(source), args.starter, decodings, args.prompts, args.batch_size, args.seed, args.device)
-    finally:
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
     report["command"] = " ".join(["python -m bench.stories", *sys.argv[1:]])
     if args.json:
         print(json.dumps(report, indent=2))

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench.closed_loop import cast_votes, train
+from bench.workdir import work_dir
 from rlhf.prepare import prepare
 from rlhf.progress import read_metrics
 from rlhf.settings import Settings
@@ -100,14 +99,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.starter, args.steps = "tiny", 6
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="training-cost-")) if temporary else args.work_dir
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # trainers print logs on stdout; JSON only there
-            report = run(work_dir, args.starter, args.steps, args.prompts, args.device)
-    finally:
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    # Trainers print logs on stdout; JSON only there.
+    with work_dir(args.work_dir, "training-cost-") as folder, contextlib.redirect_stdout(sys.stderr):
+        report = run(folder, args.starter, args.steps, args.prompts, args.device)
     report["command"] = " ".join(sys.argv[1:])
     print(json.dumps(report, indent=2))
 

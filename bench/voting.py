@@ -21,11 +21,9 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -44,6 +42,7 @@ from bench.app_server import (
     wait_for,
     wait_for_pool,
 )
+from bench.workdir import work_dir
 from rlhf.simulate import Annotator, Oracle, read_screen
 
 # Two starter policies make one pair per prompt: an annotator can vote this many times at most.
@@ -244,13 +243,8 @@ def main() -> None:
         return
 
     sizes = sorted({int(s) for s in args.annotators.split(",")} | ({64} if args.many else set()))
-    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="story-arena-bench-voting-"))
-    work_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        report = run(sizes, args.votes, args.rounds, work_dir, args.seed)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    with work_dir(args.work_dir, "story-arena-bench-voting-") as folder:
+        report = run(sizes, args.votes, args.rounds, folder, args.seed)
     print(json.dumps(report, indent=2))
 
 
