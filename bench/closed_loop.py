@@ -58,6 +58,7 @@ from rlhf.settings import Settings
 from rlhf.simulate import Annotator, Oracle
 from rlhf.training import register_checkpoint
 from storage import completions, models, prompts
+from storage import votes as votes_table
 
 # Method -> the training kind behind it (None: a decoding of the parent, nothing trained).
 METHODS = {"rloo": "rloo", "dpo": "dpo", "dph-bo4": "dph", "rm-bo4": None, "raft": "raft"}
@@ -72,10 +73,13 @@ def _log(message: str) -> None:
 
 def cast_votes(settings: Settings, annotators: int, votes: int, accuracy: float, oracle: Oracle, seed: int) -> dict:
     """Up to `votes` votes in all, each simulated annotator judging the pairs the arena
-    serves them (at most one per prompt) until the total is reached."""
+    serves them (at most one per prompt) until the total is reached. Votes already in the
+    work dir count, so a rerun on the same --work-dir tops them up instead of doubling them."""
     store = settings.store()
     rng = random.Random(seed)
-    cast = agree = 0
+    cast = votes_table.human_vote_total(store.db)
+    if cast:
+        _log(f"{cast} votes already in the work dir")
     for i in range(annotators):
         annotator = Annotator(f"sim-{i}", accuracy)
         who = arena.sign_in(store, settings, annotator.name)
@@ -86,8 +90,9 @@ def cast_votes(settings: Settings, annotators: int, votes: int, accuracy: float,
             choice = annotator.choose(oracle, view.prompt, view.story_a, view.story_b, rng)
             arena.submit_vote(store, settings, who["id"], view, choice)
             cast += 1
-            agree += choice == oracle.prefers(view.prompt, view.story_a, view.story_b)
-    return {"votes": cast, "oracle_agreement": agree / cast if cast else None}
+    agree = [v["choice"] == oracle.prefers(v["prompt"], v["text_a"], v["text_b"])
+             for v in votes_table.preference_rows(store.db)]
+    return {"votes": cast, "oracle_agreement": statistics.fmean(agree) if agree else None}
 
 
 def train(settings: Settings, kind: str, params: dict) -> tuple[dict, float]:
