@@ -6,7 +6,10 @@
 Each batch size writes stories for the same seed prompts with the same decoding; the
 sizes take turns for --rounds rounds so that load on a shared machine falls on all of
 them alike. Prints JSON: useful (pre-EOS) story tokens per second per batch size and
-each size's speed-up over batch size 1, measured in this one run.
+each size's speed-up over batch size 1, measured in this one run. Then, as the pool job
+writes for two policies that share weights (the starter's two decodings), batches of the
+pool's size for each policy in turn against one call holding both policies' rows
+(rlhf.generate.generate_rows), taking turns the same way.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf.generate import Decoding, generate_stories
+from rlhf.generate import Decoding, generate_rows, generate_stories
 from rlhf.models import build_tiny_starter, load_causal_lm, resolve_device
 from rlhf.prompts import SEED_PROMPTS
+from rlhf.settings import Settings
 
 TINY = "tiny"
 
@@ -51,7 +55,31 @@ def run(model_source: str, prompt_count: int = 16, batch_sizes: tuple[int, ...] 
         "rounds": rounds,
         "tokens_per_s": {str(s): round(statistics.median(r), 1) for s, r in rates.items()},
         "speedup_vs_batch_1": {str(s): round(statistics.median(r) / base, 2) for s, r in rates.items()},
+        "two_policies": two_policies(model, tokenizer, prompts, max_new_tokens, rounds),
     }
+
+
+def two_policies(model, tokenizer, prompts: list[str], max_new_tokens: int, rounds: int) -> dict:
+    """Two decodings of one model: a pool-size batch for each in turn, against one call with both."""
+    pair = (Decoding(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens),
+            Decoding(temperature=1.0, top_p=0.95, max_new_tokens=max_new_tokens))
+    size = Settings.generation_batch_size
+    rates: dict[str, list[float]] = {"separate": [], "one_call": []}
+    for round_no in range(rounds):
+        start = time.perf_counter()
+        stories = [s for d in pair for s in generate_stories(model, tokenizer, prompts, d, batch_size=size,
+                                                               seed=round_no)]
+        rates["separate"].append(sum(s.tokens for s in stories) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        stories = []
+        for i in range(0, len(prompts), size):
+            chunk = prompts[i:i + size]
+            stories += generate_rows(model, tokenizer, chunk * 2, [pair[0]] * len(chunk) + [pair[1]] * len(chunk),
+                                     max_new_tokens, seed=round_no)
+        rates["one_call"].append(sum(s.tokens for s in stories) / (time.perf_counter() - start))
+    separate, one_call = statistics.median(rates["separate"]), statistics.median(rates["one_call"])
+    return {"batch_size_per_policy": size, "separate_tokens_per_s": round(separate, 1),
+            "one_call_tokens_per_s": round(one_call, 1), "one_call_speedup": round(one_call / separate, 2)}
 
 
 def main() -> None:

@@ -72,7 +72,8 @@ def _live_battle_headline(report: dict) -> dict:
 
 
 def _generation_headline(report: dict) -> dict:
-    return {"speedup_vs_batch_1": report["speedup_vs_batch_1"]}
+    return {"speedup_vs_batch_1": report["speedup_vs_batch_1"],
+            "two_policies_one_call_speedup": report["two_policies"]["one_call_speedup"]}
 
 
 def _stories_headline(report: dict) -> dict:

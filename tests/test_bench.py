@@ -47,6 +47,8 @@ def test_quick_run_prints_one_json_document_with_every_part():
     generation = document["benches"]["generation"]
     assert generation["model"] == "tiny"
     assert set(generation["speedup_vs_batch_1"]) == {"1", "4"} and generation["speedup_vs_batch_1"]["1"] == 1.0
+    two = generation["two_policies"]
+    assert two["separate_tokens_per_s"] > 0 and two["one_call_tokens_per_s"] > 0 and two["one_call_speedup"] > 0
 
     stories = document["benches"]["stories"]
     assert stories["starter"] == "tiny" and stories["prompts"] == 8
