@@ -39,7 +39,9 @@ def recipe_values(form_values: list) -> dict:
 
 def form_value(f, value):
     """A stored recipe value as its form input shows it."""
-    if f.name in ("steps", *MODEL_FIELDS) or isinstance(value, int | float) and f.default is not None:
+    if f.name == "steps":
+        return list(value)
+    if f.name in MODEL_FIELDS or isinstance(value, int | float) and f.default is not None:
         return value
     if value is None:
         return ""
