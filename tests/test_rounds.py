@@ -282,3 +282,24 @@ def test_a_round_runs_its_real_jobs_on_the_tiny_starter(arena_dir):
     assert [j["status"] for j in shown["jobs"]] == ["succeeded", "succeeded"]
     history = rounds.champion_history(store)
     assert [p["model_id"] for p in history] == [first, first] and history[0]["ci_low"] < history[0]["ci_high"]
+
+
+def test_the_rounds_table_escapes_text_and_shows_a_failed_steps_error_to_researchers_only(arena_dir):
+    from ui.rounds import RECIPE_FIELDS, recipe_values, rounds_html
+
+    settings, store = arena_dir
+    rounds.set_recipe(store, {})
+    started = rounds.start_round(store)
+    rounds.tick(store)
+    job_rows.finish_job(store.db, round_rows.get_round(store.db, started["id"])["job_ids"][0],
+                        "failed", error="<script>alert(1)</script> in /srv/secret/path")
+    rounds.tick(store)
+    researcher = rounds_html(store, {"role": "researcher"})
+    assert "&lt;script&gt;" in researcher and "<script>" not in researcher
+    annotator = rounds_html(store, {"role": "annotator"})
+    assert "/srv/secret/path" not in annotator and "(the error is shown to researchers)" in annotator
+    # The form's raw values: left at their defaults they are not sent, the rest are typed.
+    form = {"every_votes": "12", "schedule_minutes": "", "steps": ["dpo", "raft"], "step_params": '{"dpo": {}}',
+            "min_votes": 50, "max_votes": "", "starting_policy": None}
+    assert recipe_values([form[f.name] for f in RECIPE_FIELDS]) == {
+        "every_votes": 12, "steps": ["dpo", "raft"], "step_params": {"dpo": {}}}
