@@ -40,6 +40,7 @@ from rlhf import jobs, rounds
 from rlhf.pool import fill_pool
 from rlhf.prepare import prepare
 from rlhf.prompts import SEED_PROMPTS
+from rlhf.raft import RaftParams, prompt_split
 from rlhf.settings import Settings
 from rlhf.simulate import Oracle
 from storage import jobs as job_rows
@@ -93,6 +94,19 @@ def against_starter(settings: Settings, champion: int, starter: int, pool_prompt
     return result
 
 
+def raft_on_the_pool(store, recipe: dict, pool_prompts: int) -> dict | None:
+    """The recipe's step parameters with RAFT's prompt count capped so that it samples only
+    training-side prompts of the arena pool (RAFT takes the first N in id order), never a
+    prompt the champion is judged on. (RLOO samples on its own split of every seed prompt.)"""
+    step_params = dict(recipe.get("step_params") or {})
+    if "raft" in recipe["steps"]:
+        pool_texts = {r["text"] for r in prompts.list_prompts(store.db)[:pool_prompts]}
+        on_pool = sum(t in pool_texts for t in prompt_split(store, "all", len(SEED_PROMPTS))[0])
+        raft = step_params.get("raft", {})
+        step_params["raft"] = {**raft, "prompts": min(raft.get("prompts", RaftParams.prompts), on_pool)}
+    return step_params or None
+
+
 def run(work_dir: Path, starter: str, rounds_wanted: int, pool_prompts: int, eval_prompts: int,
         votes_per_round: int, annotators: int, accuracy: float, recipe: dict, max_new_tokens: int,
         oracle: Oracle, device: str, seed: int, generation_batch_size: int) -> dict:
@@ -104,7 +118,8 @@ def run(work_dir: Path, starter: str, rounds_wanted: int, pool_prompts: int, eva
     store = settings.store()
     started = time.perf_counter()
     first = prepare(store, settings, lambda f, m: _log(m))[0].id
-    rounds.set_recipe(store, {**recipe, "every_votes": votes_per_round})
+    rounds.set_recipe(store, {**recipe, "every_votes": votes_per_round,
+                              "step_params": raft_on_the_pool(store, recipe, pool_prompts)})
     report: dict = {"starter": starter, "starter_policy": models.get_model(store.db, first).name,
                     "pool_prompts": pool_prompts, "eval_prompts": eval_prompts, "votes_per_round": votes_per_round,
                     "recipe": rounds.current_recipe(store).to_dict(), "oracle": asdict(oracle),
