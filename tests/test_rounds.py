@@ -14,12 +14,14 @@ import time
 
 import pytest
 
+from bench.app_server import wait_for
 from rlhf import jobs, rounds
 from storage import completions, models, prompts, votes
 from storage import jobs as job_rows
 from storage import rounds as round_rows
 from storage.db import Store
 from tests.test_cli import cli_main  # noqa: F401
+from tests.test_jobs import worker, worker_env  # noqa: F401
 
 _keys = itertools.count()
 
@@ -162,8 +164,7 @@ def test_a_restart_mid_round_neither_loses_the_round_nor_promotes_twice(arena_di
     cast(store, child, first, 5)
     # The app restarts: a new store and worker on the same file find the round and decide it once.
     restarted = Store(settings.db_path)
-    worker = jobs.JobWorker(settings)
-    worker.recover()
+    jobs.JobWorker(settings).recover()
     assert round_rows.get_round(restarted.db, current["id"])["status"] == "collecting"
     rounds.tick(restarted)
     rounds.tick(store)
@@ -303,3 +304,24 @@ def test_the_rounds_table_escapes_text_and_shows_a_failed_steps_error_to_researc
             "min_votes": 50, "max_votes": "", "starting_policy": None}
     assert recipe_values([form[f.name] for f in RECIPE_FIELDS]) == {
         "every_votes": 12, "steps": ["dpo", "raft"], "step_params": {"dpo": {}}}
+
+
+def test_the_job_worker_starts_rounds_and_a_restart_mid_step_ends_the_round_as_failed(arena_dir, worker):  # noqa: F811
+    """The worker's pass ticks the round: N votes start it and its reward job runs; the app
+    stopping mid-step interrupts the job, and the next worker ends the round as failed."""
+    settings, store = arena_dir
+    first, second = starters(store)
+    rounds.set_recipe(store, {"every_votes": 2, "step_params": {"reward": {"max_steps": 500, "min_pairs": 2}}})
+    worker.start()
+    cast(store, first, second, 2)
+    wait_for(lambda: (r := round_rows.active_round(store.db)) and r["job_ids"]
+             and job_rows.get_job(store.db, r["job_ids"][0])["status"] == "running", 60, "the reward step to run")
+    worker.stop()
+    restarted = jobs.JobWorker(settings, poll_s=0.1).start()
+    try:
+        (only,) = round_rows.list_rounds(store.db)
+        wait_for(lambda: round_rows.get_round(store.db, only["id"])["status"] == "failed", 30, "the round to fail")
+    finally:
+        restarted.stop()
+    failed = round_rows.get_round(store.db, only["id"])
+    assert "reward step" in failed["reason"] and "interrupted" in failed["reason"] and failed["promoted_id"] is None
