@@ -247,7 +247,8 @@ def _advance(store: Store, current: dict) -> None:
     step = steps[done - 1]
     if job["status"] in FAILED_JOB:
         round_rows.advance(db, current["id"], "training", status="failed", decision="failed",
-                           reason=f"the {step} step (job {job['id']}) {job['status']}: {job['error'] or ''}".strip())
+                           reason=f"the {step} step (job {job['id']}) {job['status']}"
+                                  + (f": {job['error']}" if job["error"] else ""))
         return
     found: dict = {}
     if step == REWARD_STEP:
