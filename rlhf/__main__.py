@@ -201,6 +201,41 @@ def cmd_simulate(settings: Settings, args) -> dict:
     return simulate(args.url, args.annotators, args.votes, args.accuracy, args.position_bias, args.seed)
 
 
+def round_recipe_values(args) -> dict:
+    """The recipe from `rounds set` flags: unset flags take the recipe's defaults."""
+    values: dict = {"every_votes": args.every_votes, "schedule_minutes": args.schedule_minutes,
+                    "min_votes": args.min_votes, "max_votes": args.max_votes, "starting_policy": args.starting_policy}
+    if args.steps is not None:
+        values["steps"] = [s.strip() for s in args.steps.split(",") if s.strip()]
+    step_params: dict = {}
+    for item in args.set or []:
+        target, sep, value = item.partition("=")
+        kind, dot, key = target.partition(".")
+        if not sep or not dot or not kind or not key:
+            raise ValueError(f"--set expects KIND.KEY=VALUE (e.g. raft.k=4), got {item!r}.")
+        step_params.setdefault(kind, {})[key] = _parse_value(value)
+    values["step_params"] = step_params or None
+    return values
+
+
+def cmd_rounds(settings: Settings, args) -> dict:
+    from rlhf import rounds
+
+    store = settings.store()
+    if args.action == "set":
+        return {"recipe": rounds.set_recipe(store, round_recipe_values(args))}
+    if args.action == "start":
+        return {"round": rounds.start_round(store)}
+    if args.action == "cancel":
+        if args.round_id is None:
+            raise ValueError("rounds cancel needs the round id (see `rounds list`).")
+        return {"round": rounds.cancel_round(store, args.round_id)}
+    from storage import rounds as round_rows
+
+    return {"recipe": round_rows.get_recipe(store.db), "champion": rounds.champion(store),
+            "rounds": rounds.rounds_report(store), "champion_history": rounds.champion_history(store)}
+
+
 class KindHelp(argparse.Action):
     """`train KIND --help`: the usual help, then KIND's parameters (only KIND's module loads)."""
 
@@ -299,6 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a .jsonl file, a Hub dataset id or a local dataset folder")
     pref_cmd.add_argument("--name", help="the data set's name (training can select it)")
     pref_cmd.add_argument("--split", default="train", help="the dataset split (default train)")
+    rounds_cmd = command("rounds", cmd_rounds,
+                         "training rounds that run themselves: set the recipe (replaces it), list rounds, "
+                         "start one now, cancel one")
+    rounds_cmd.add_argument("action", choices=["set", "list", "start", "cancel"])
+    rounds_cmd.add_argument("round_id", nargs="?", type=int, help="cancel: the round id")
+    rounds_cmd.add_argument("--every-votes", type=int, help="start a round after N new decided human votes")
+    rounds_cmd.add_argument("--schedule-minutes", type=float, help="start a round M minutes after the last one")
+    rounds_cmd.add_argument("--steps", help="policy kinds after the reward job, comma-separated (default raft)")
+    rounds_cmd.add_argument("--min-votes", type=int, help="votes a child needs against its parent to be judged")
+    rounds_cmd.add_argument("--max-votes", type=int, help="votes after which an undecided child is retired")
+    rounds_cmd.add_argument("--starting-policy", type=int, help="the first champion (default the first starter)")
+    rounds_cmd.add_argument("--set", action="append", metavar="KIND.KEY=VALUE",
+                            help="a step's job parameter, e.g. raft.k=4 or reward.max_steps=20 (repeatable)")
     job_list = command("jobs", cmd_jobs, "list background jobs")
     job_list.add_argument("--limit", type=int, default=50)
     gold = command("gold", cmd_gold, "gold pairs (two stories of one prompt with a known answer) mixed into the arena")

@@ -297,11 +297,18 @@ class JobWorker:
                     running.append(started)
 
     def _loop(self) -> None:
+        """Each pass: the publishing schedule, the lanes, then the training round (rlhf.rounds)."""
+        from rlhf import rounds
+
         store = Store(self.settings.db_path)
         while not self._stop.is_set():
             try:
                 self._publish_schedule.tick(store)
                 self._step(store.db)
+            except Exception:
+                traceback.print_exc()
+            try:  # apart: a round that cannot advance never holds up the jobs
+                rounds.tick(store)
             except Exception:
                 traceback.print_exc()
             self._stop.wait(self.poll_s)

@@ -320,3 +320,32 @@ def m015_prompt_requested_by(db: Database) -> None:
     `user`); counts their live requests against the per-annotator cap. NULL otherwise."""
     db["prompts"].add_column("requested_by", int)
     db["prompts"].create_index(["requested_by", "created_at"])
+
+
+@MIGRATIONS()
+def m016_rounds(db: Database) -> None:
+    """round_recipe: the one recipe of automatic training rounds (row id 1; version counts
+    its changes, set_by/set_at say who set it and when). rounds: each round's state machine
+    (queued -> training -> collecting -> decided | failed | cancelled) with a snapshot of the
+    recipe it ran, the champion it started from (parent_id), its step jobs in order, the
+    reward model, the children, the newest decided human vote id when it started (the vote
+    trigger counts from there), the votes its reward job used (count and hash), and each
+    child's decision."""
+    db["round_recipe"].create(
+        {"id": int, "recipe": str, "version": int, "set_by": int, "set_at": float},
+        pk="id", not_null={"recipe", "version"},
+        foreign_keys=[("set_by", "annotators", "id")],
+    )
+    db["rounds"].create(
+        {
+            "id": int, "status": str, "trigger": str, "recipe": str, "parent_id": int,
+            "job_ids": str, "reward_model_id": int, "child_ids": str, "votes_after": int,
+            "votes_used": int, "votes_hash": str, "results": str, "promoted_id": int,
+            "decision": str, "reason": str, "created_by": int, "created_at": float,
+            "updated_at": float, "finished_at": float,
+        },
+        pk="id", not_null={"status", "recipe", "parent_id"},
+        foreign_keys=[("parent_id", "models", "id"), ("reward_model_id", "models", "id"),
+                      ("promoted_id", "models", "id"), ("created_by", "annotators", "id")],
+    )
+    db["rounds"].create_index(["status"])

@@ -82,3 +82,42 @@ def test_closed_loop_refuses_unknown_methods():
     done = subprocess.run([sys.executable, "-m", "bench.closed_loop", "--methods", "raft,ppo"],
                           cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--methods: unknown ppo; choose from rloo, dpo" in done.stderr
+
+
+def test_rounds_quick_runs_two_rounds_that_decide():
+    """`python -m bench.rounds --quick`: votes fire each round, its jobs run, votes decide it."""
+    done = subprocess.run([sys.executable, "-m", "bench.rounds", "--quick"],
+                          cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["starter"] == "tiny" and [r["round"] for r in report["rounds"]] == [1, 2]
+    for row in report["rounds"]:
+        assert row["status"] == "decided" and row["votes_cast"] >= report["votes_per_round"]
+        assert row["reward_model"]["heldout_prompts"] > 0 and row["votes_used"] >= report["votes_per_round"]
+        (child,) = row["children"]
+        assert child["decision"] in ("promoted", "retired") and child["votes"] >= report["recipe"]["min_votes"]
+        assert 0.0 <= child["ci95"][0] <= child["win_rate"] <= child["ci95"][1] <= 1.0
+        assert isinstance(row["minutes"], float)
+        versus = row["champion_vs_starter"]
+        assert versus is None if row["champion"] == report["starter_policy"] else versus["pairs"] > 0
+    assert len(report["champion_history"]) == 3
+
+
+def test_the_rounds_bench_judges_the_champion_on_a_copy_of_the_arena(arena_dir):
+    """Held-out stories are written to a copy: the arena never serves (or trains on) them."""
+    from bench.rounds import against_starter
+    from rlhf.simulate import Oracle
+    from storage import models, prompts
+
+    settings, store = arena_dir
+    starter = models.list_models(store.db)[0]
+    champion = models.add_model(store.db, "champion", "raft", path=starter.path, parent_id=starter.id,
+                                decoding={"temperature": 1.0})
+    eval_ids = [p["id"] for p in prompts.list_prompts(store.db)[settings.pool_prompts:settings.pool_prompts + 4]]
+    result = against_starter(settings, champion.id, starter.id, settings.pool_prompts, eval_ids,
+                             Oracle(min_words=4, max_words=40), 0, "judge")
+    assert result["pairs"] > 0 and 0.0 <= result["ci95"][0] <= result["win_rate"] <= result["ci95"][1] <= 1.0
+    marks = ", ".join("?" * len(eval_ids))
+    assert store.db.execute(f"SELECT count(*) FROM completions WHERE prompt_id IN ({marks})",
+                            eval_ids).fetchone()[0] == 0
+    assert not (settings.data_dir.parent / "judge").exists()

@@ -27,7 +27,8 @@ def model_store(store):
 
 def kind_fields(kind_name: str, store) -> list[FormField]:
     declared = get_kind(kind_name)
-    return [FormField(kind_name, f, field_input(declared, f, store)) for f in documented_fields(declared.params)]
+    return [FormField(kind_name, f, field_input(declared.model_params, f, store))
+            for f in documented_fields(declared.params)]
 
 
 @pytest.mark.parametrize("kind_name", kind_names())

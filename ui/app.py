@@ -18,6 +18,7 @@ from ui.leaderboard import build_leaderboard_tab
 from ui.metrics import build_metrics_tab
 from ui.models import build_models_tab
 from ui.prompts import build_prompts_tab
+from ui.rounds import build_rounds_tab
 from ui.train import build_jobs_tab, build_train_tab
 
 CSS = """
@@ -86,7 +87,9 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
                 load_bases, base_picker, train_tools = build_train_tab(settings, store, session)
             with gr.Tab("Jobs", id="jobs") as jobs_tab:
                 load_jobs, jobs_table, job_tools = build_jobs_tab(settings, store, session)
-        researcher_groups = [model_tools, data_tools, train_tools, job_tools, prompt_tools]
+            with gr.Tab("Rounds", id="rounds") as rounds_tab:
+                load_rounds, rounds_outputs, round_tools = build_rounds_tab(settings, store, session)
+        researcher_groups = [model_tools, data_tools, train_tools, job_tools, prompt_tools, round_tools]
 
         def signed_in(who, browser_token):
             researcher = who["role"] in ("researcher", "admin")
@@ -138,6 +141,7 @@ def build_ui(settings: Settings, store: Store) -> tuple[gr.Blocks, dict]:
             (models_tab, load_models, None, models_table),
             (train_tab, load_bases, None, base_picker),
             (jobs_tab, load_jobs, session, jobs_table),
+            (rounds_tab, load_rounds, session, rounds_outputs),
         ]
         tab_contents.append((data_tab, load_counts, session, count_outputs))
         for tab, load, inputs, outputs in tab_contents:

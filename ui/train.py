@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from rlhf.heldout import heldout_markdown
 from rlhf.jobs import job_lane, log_path
 from rlhf.params import allowed_values, documented_fields, json_object
 from rlhf.progress import read_metrics
-from rlhf.runner import Kind, check_params, get_kind, kind_names
+from rlhf.runner import check_params, get_kind, kind_names
 from rlhf.settings import Settings
 from storage import jobs as job_rows
 from storage import models
@@ -58,8 +59,9 @@ def model_choices(store: Store, what: str) -> list[tuple[str, int]]:
             if (m.kind == "reward") == reward]
 
 
-def field_input(kind: Kind, f: Field, store: Store) -> gr.components.Component:
-    """The input for one Params field, from its metadata: a model dropdown for model ids, a
+def field_input(model_params: Mapping[str, str], f: Field, store: Store) -> gr.components.Component:
+    """The input for one Params field, from its metadata: a model dropdown for model ids
+    (the fields named in model_params, e.g. a kind's: param -> "base policy"), a
     dropdown for choices (and optional true/false), a checkbox for true/false, a number with
     the field's range and default, text for the rest (JSON where the value is not a string,
     and numbers without a default: Gradio's number box cannot be empty). An input left at
@@ -67,8 +69,8 @@ def field_input(kind: Kind, f: Field, store: Store) -> gr.components.Component:
     meta, (base_type, optional) = f.metadata, field_type(f)
     default = None if f.default is MISSING else f.default
     info = f"{meta['help']} ({allowed_values(f)})"
-    if f.name in kind.model_params:
-        what = kind.model_params[f.name]
+    if f.name in model_params:
+        what = model_params[f.name]
         return gr.Dropdown(model_choices(store, what), value=None, label=f"{f.name}: {what}", info=info)
     if meta["choices"] is not None or (base_type == "bool" and optional):
         options = list(meta["choices"] or ("true", "false"))
@@ -256,7 +258,7 @@ def build_train_tab(settings: Settings, store: Store, session: gr.State):
             with gr.Column(visible=name == names[0], elem_id=f"train-{name}") as group:
                 gr.Markdown(declared.help)
                 with gr.Row():
-                    fields.extend(FormField(name, f, field_input(declared, f, store))
+                    fields.extend(FormField(name, f, field_input(declared.model_params, f, store))
                                   for f in documented_fields(declared.params))
             groups.append(group)
         corpus = gr.File(label="Corpus (.txt: stories separated by blank lines, or .jsonl with a \"text\" field)",
