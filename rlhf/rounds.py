@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from rlhf.heldout import rate_interval
-from rlhf.params import MODEL_ID_RANGE, check_fields, given_params, param
+from rlhf.params import MODEL_ID_RANGE, JobParams, param
 from storage import jobs as job_rows
 from storage import models
 from storage import rounds as round_rows
@@ -56,8 +57,10 @@ FAILED_JOB = ("failed", "cancelled", "interrupted")
 
 
 @dataclass(frozen=True)
-class RoundRecipe:
+class RoundRecipe(JobParams):
     """When a round starts, what it trains and when a child is promoted."""
+
+    LABEL: ClassVar[str] = "round recipe"
 
     every_votes: int | None = param(None, "start a round after this many new decided human votes since the last "
                                     "round started (unset: no vote trigger)", low=1, high=10_000_000)
@@ -75,7 +78,7 @@ class RoundRecipe:
                                         high=MODEL_ID_RANGE[1])
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         if self.every_votes is not None and self.schedule_minutes is not None:
             raise ValueError("schedule_minutes: choose one trigger, every_votes or schedule_minutes (or neither: "
                              "on demand only).")
@@ -111,13 +114,13 @@ class RoundRecipe:
 
     @classmethod
     def from_dict(cls, values: Mapping | None) -> RoundRecipe:
-        given = given_params("round recipe", values, [f.name for f in fields(cls)])
-        if isinstance(given.get("steps"), list | tuple):
-            given["steps"] = tuple(given["steps"])
-        return cls(**given)
+        """As every kind's; steps given as a JSON list are kept as a tuple."""
+        if isinstance(values, Mapping) and isinstance(values.get("steps"), list):
+            values = {**values, "steps": tuple(values["steps"])}
+        return super().from_dict(values)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "steps": list(self.steps)}
+        return {**super().to_dict(), "steps": list(self.steps)}
 
     @property
     def vote_cap(self) -> int:
