@@ -111,10 +111,11 @@ def run_dph(settings, args, source: str, mode: str, train: list[dict], held_out:
     from rlhf.training import load_trainable_lm
 
     steps = args.head_steps if mode == "head" else args.steps
-    p = DPHParams(base=1, mode=mode, max_steps=steps,
-                  batch_size=args.head_batch_size if mode == "head" else args.batch_size,
-                  learning_rate=args.head_learning_rate, lm_learning_rate=args.lm_learning_rate,
-                  max_length=args.max_length, lora_r=args.lora_r)
+    p = DPHParams.from_dict({  # explicit steps: the job would otherwise size them by the data
+        "base": 1, "mode": mode, "max_steps": steps,
+        "batch_size": args.head_batch_size if mode == "head" else args.batch_size,
+        "learning_rate": args.head_learning_rate, "lm_learning_rate": args.lm_learning_rate,
+        "max_length": args.max_length, "lora_r": args.lora_r})
     lm, tokenizer = load_trainable_lm(source, None)
     timer = StepTimer()
     fitted = fit_head(settings, p, lm, tokenizer, train, held_out, args.max_length, source,

@@ -389,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             "label_model_accuracy_on_human_votes": _mean(r["label_model_on_humans"]),
         })
     reference = pairwise_report(data.test_records, [0.0] * len(data.test_records))
-    title = (f"{'Simulated story preferences (TinyStories)' if stories else 'HH-RLHF'}, frozen MiniLM + linear "
-             f"reward head ({args.seeds} seeds, {len(data.test)} test pairs)\n"
+    title = (f"{'TinyStories, simulated preferences' if stories else 'HH-RLHF'}, frozen MiniLM + linear head "
+             f"({args.seeds} seeds, {len(data.test)} test pairs)\n"
              f"weak labels: threshold {args.threshold:g}, weight {args.weight:g}; "
              f"best baseline {reference['best_baseline']['accuracy']:.2f}")
     if plot_path is not None:
