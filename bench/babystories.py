@@ -12,8 +12,12 @@ size has its own data dir, so its votes are on its own stories only.
 
     python -m bench.babystories --quick           # CI: corpus distilled from the tiny starter's pool, minutes
     python -m bench.babystories --work-dir DIR    # CPU: TinyStories head, the quick pretrain presets
-    python -m bench.babystories --device cuda --preset full --prompts 120 --eval-prompts 120 \\
-        --votes 1920 --max-new-tokens 160 --set raft.prompts=120 --set raft.iterations=2   # GPU size
+    python -m bench.babystories --device cuda --preset full --pretrain-steps 500 --prompts 120 \\
+        --eval-prompts 120 --votes 1920 --max-new-tokens 160 --work-dir DIR          # GPU size
+
+The full pretrain presets' step counts (6,000 and 20,000) are meant for a corpus far larger
+than the 2,316-story TinyStories head (about 2 M characters); there, 500 steps are about 8 passes
+for `small` (32 blocks of 256 tokens a step) and 16 for `base` (blocks of 512).
 
 Prints JSON: per size the pretraining metrics (parameters, steps, held-out perplexity) and
 the method's win rate over the pretrained parent with its interval, ties, the oracle's mean

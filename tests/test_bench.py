@@ -2,7 +2,9 @@
 
 The voting and training-cost benches take minutes (two servers; every training kind), so
 they are left to the full quick run. The closed loop runs here: it is the one end-to-end
-check that votes -> reward -> RLOO/DPO/DPH/RAFT -> new policies -> stories works in one process.
+check that votes -> reward -> RLOO/DPO/DPH/RAFT -> new policies -> stories works in one process;
+BabyStories runs the same loop from two models pretrained from scratch. The benches' own
+data helpers (the prompt-disjoint HH-RLHF split, the story pairs) are tested on small fixtures.
 """
 
 from __future__ import annotations
