@@ -181,7 +181,19 @@ def run(work_dir: Path, starter: str, pool_prompts: int, eval_prompts: int, anno
     store = settings.store()
     parent = prepare(store, settings, lambda f, m: _log(m))[0].id
     report["seconds"]["prepare"] = round(time.perf_counter() - started, 1)
+    loop_from(settings, parent, report, pool_prompts, eval_prompts, annotators, votes, accuracy, steps, oracle, seed,
+              learning_rate, methods, overrides)
+    report["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    return report
 
+
+def loop_from(settings: Settings, parent: int, report: dict, pool_prompts: int, eval_prompts: int, annotators: int,
+              votes: int, accuracy: float, steps: dict[str, int | None], oracle: Oracle, seed: int,
+              learning_rate: float | None, methods: tuple[str, ...], overrides: dict[str, dict]) -> None:
+    """The loop from a parent policy whose pool is written: simulated votes, the reward job,
+    then each method's child judged against `parent`; fills report's votes, reward,
+    methods and seconds. bench.babystories enters here with a pretrained parent."""
+    store = settings.store()
     report["votes"] = cast_votes(settings, annotators, votes, accuracy, oracle, seed)
     _log(f"{report['votes']['votes']} simulated votes")
     reward_params = _with_steps({"base": parent, **overrides.get("reward", {})}, steps["reward"])
@@ -224,8 +236,6 @@ def run(work_dir: Path, starter: str, pool_prompts: int, eval_prompts: int, anno
             "metrics": job["metrics"], **head_to_head(settings, child, parent, eval_ids, oracle, seed),
         }
         _log(summary_line(method, report["methods"][method]))
-    report["seconds"]["total"] = round(time.perf_counter() - started, 1)
-    return report
 
 
 def summary_line(method: str, result: dict) -> str:

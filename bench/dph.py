@@ -3,15 +3,21 @@
 All methods see the same HH-RLHF pairs (../shared/data/dfki_hh-rlhf_train_sample_1pct.jsonl:
 each line holds a `chosen` and a `rejected` dialogue that share everything up to the last
 "Assistant:" turn; that shared part is the prompt, the two last answers are the pair) and
-the same base model, and are scored on the same held-out pairs:
+the same base model, and are scored on the same held-out pairs. The split is by prompt:
+pairs are grouped by their first human turn (bench.hh_rlhf.split_by_first_turn, i.e.
+rlhf.heldout.split_by_prompt on it), so no opening question is on both sides. Each method's
+held-out result is rlhf.heldout.pairwise_report of its margin score(chosen) - score(rejected):
+accuracy with a 95% interval resampled over first turns, the number of held-out prompts,
+the trivial baselines on the same pairs (longer / shorter answer wins, each story metric
+alone, the keyword metric reading the first turn) and the verdict against the best of them.
 
 - dph_head: the arena's default DPH job (rlhf.dph.fit_head, mode head): frozen LM
   features computed once, then head_steps steps of the head alone.
 - dph_lora: DPH with the head and a LoRA adapter trained together (mode lora, no DPO term).
 - reward_model: TRL RewardTrainer on the sequence-classification version of the same base,
   the same LoRA adapter (plus its score head), Bradley-Terry loss.
-- dpo: TRL DPOTrainer (sigmoid loss, beta 0.1) with the same LoRA adapter; its accuracy is
-  the implicit reward's (TRL's eval_rewards/accuracies on the held-out pairs).
+- dpo: TRL DPOTrainer (sigmoid loss, beta 0.1) with the same LoRA adapter; its margin is
+  the implicit reward's (rlhf.dpo.implicit_reward_margins, as the dpo job reports it).
 
 The LM-training methods run the same number of steps with the same batch size, learning
 rate and adapter, one after the other in this process, so their seconds per step compare
@@ -42,10 +48,11 @@ from pathlib import Path
 
 import torch
 
-from bench.hh_rlhf import read_pairs
+from bench.hh_rlhf import read_pairs, report_records, split_by_first_turn
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dfki_hh-rlhf_train_sample_1pct.jsonl"
+DPO_BETA = 0.1
 
 
 class StepTimer:
@@ -72,6 +79,8 @@ class StepTimer:
 
 
 def load_pairs(path: Path, tokenizer, max_length: int, n_train: int, n_eval: int, seed: int):
+    """n_train training and n_eval held-out pairs that fit max_length tokens, split by first
+    human turn (bench.hh_rlhf.split_by_first_turn), so no opening question is on both sides."""
     from rlhf.scoring import encode_pair
 
     pairs = []
@@ -80,10 +89,13 @@ def load_pairs(path: Path, tokenizer, max_length: int, n_train: int, n_eval: int
                       for k in ("chosen", "rejected"))
         if longest <= max_length:
             pairs.append(pair)
-    random.Random(seed).shuffle(pairs)
-    if len(pairs) < n_train + n_eval:
-        raise SystemExit(f"only {len(pairs)} pairs fit {max_length} tokens; ask for fewer or raise --max-length")
-    return pairs[:n_train], pairs[n_train:n_train + n_eval], len(pairs)
+    train, held_out = split_by_first_turn(pairs, n_eval / (n_train + n_eval))
+    random.Random(seed).shuffle(train)
+    random.Random(seed).shuffle(held_out)
+    if len(train) < n_train or len(held_out) < n_eval:
+        raise SystemExit(f"only {len(train)} training and {len(held_out)} held-out pairs fit {max_length} tokens; "
+                         "ask for fewer or raise --max-length")
+    return train[:n_train], held_out[:n_eval], len(pairs)
 
 
 def base_model_dir(kind: str, work_dir: Path, texts: list[str]) -> Path:
@@ -94,22 +106,23 @@ def base_model_dir(kind: str, work_dir: Path, texts: list[str]) -> Path:
 
 
 def run_dph(settings, args, source: str, mode: str, train: list[dict], held_out: list[dict]) -> dict:
-    from rlhf.dph import DPHParams, fit_head, head_accuracy
+    from rlhf.dph import DPHParams, fit_head, head_margins
     from rlhf.progress import JobProgress
     from rlhf.training import load_trainable_lm
 
     steps = args.head_steps if mode == "head" else args.steps
-    p = DPHParams(base=1, mode=mode, max_steps=steps,
-                  batch_size=args.head_batch_size if mode == "head" else args.batch_size,
-                  learning_rate=args.head_learning_rate, lm_learning_rate=args.lm_learning_rate,
-                  max_length=args.max_length, lora_r=args.lora_r)
+    p = DPHParams.from_dict({  # explicit steps: the job would otherwise size them by the data
+        "base": 1, "mode": mode, "max_steps": steps,
+        "batch_size": args.head_batch_size if mode == "head" else args.batch_size,
+        "learning_rate": args.head_learning_rate, "lm_learning_rate": args.lm_learning_rate,
+        "max_length": args.max_length, "lora_r": args.lora_r})
     lm, tokenizer = load_trainable_lm(source, None)
     timer = StepTimer()
     fitted = fit_head(settings, p, lm, tokenizer, train, held_out, args.max_length, source,
                       settings.models_dir / f"dph-{mode}", JobProgress(settings, None), [timer.callback])
     started = time.perf_counter()
-    accuracy = head_accuracy(fitted.head, fitted.features, held_out)
-    result = {"accuracy": accuracy, "steps": fitted.metrics["steps"],
+    margins = head_margins(fitted.head, fitted.features, held_out)
+    result = {"margins": margins, "steps": fitted.metrics["steps"],
               "seconds_per_step": timer.seconds_per_step(), "eval_seconds": time.perf_counter() - started}
     if mode == "head":
         result["feature_seconds_per_pair"] = fitted.metrics["feature_seconds"] / (len(train) + len(held_out))
@@ -131,6 +144,7 @@ def run_reward_model(settings, args, source: str, train: list[dict], held_out: l
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
+    from rlhf.reward import held_out_margins
     from rlhf.scoring import encode, make_scorer
     from rlhf.training import trainer_device_args
 
@@ -154,37 +168,32 @@ def run_reward_model(settings, args, source: str, train: list[dict], held_out: l
     trainer.train()
     started = time.perf_counter()
     scorer = make_scorer(trainer.model.eval(), tokenizer, meta, trainer.model.device)
-    eval_prompts = [r["prompt"] for r in held_out]
-    chosen = scorer(eval_prompts, [r["chosen"] for r in held_out])
-    rejected = scorer(eval_prompts, [r["rejected"] for r in held_out])
-    return {"accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(held_out),
-            "steps": trainer.state.global_step,
+    return {"margins": held_out_margins(scorer, held_out), "steps": trainer.state.global_step,
             "seconds_per_step": timer.seconds_per_step(), "eval_seconds": time.perf_counter() - started}
 
 
 def run_dpo(settings, args, source: str, train: list[dict], held_out: list[dict]) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf.dpo import preference_dataset
+    from rlhf.dpo import implicit_reward_margins, preference_dataset
     from rlhf.training import load_trainable_lm, trainer_device_args
 
     model, tokenizer = load_trainable_lm(source, None)
-    n = len(held_out)
-    eval_batch = next(b for b in range(min(args.batch_size, n), 0, -1) if n % b == 0)  # batch means average exactly
     config = DPOConfig(
         output_dir=str(settings.models_dir / "dpo"), **{**trainer_device_args(settings), "save_strategy": "no"},
-        max_steps=args.steps, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=eval_batch,
-        learning_rate=args.lm_learning_rate, beta=0.1, loss_type=["sigmoid"], max_length=args.max_length + 8,
+        max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lm_learning_rate, beta=DPO_BETA, loss_type=["sigmoid"], max_length=args.max_length + 8,
         precompute_ref_log_probs=False, seed=0,
     )
     timer = StepTimer()
     trainer = DPOTrainer(model=model, args=config, train_dataset=preference_dataset(train, tokenizer),
-                         eval_dataset=preference_dataset(held_out, tokenizer), processing_class=tokenizer,
+                         processing_class=tokenizer,
                          peft_config=lora_for(model, args.lora_r, "CAUSAL_LM"), callbacks=[timer.callback])
     trainer.train()
     started = time.perf_counter()
-    metrics = trainer.evaluate()
-    return {"accuracy": metrics["eval_rewards/accuracies"], "steps": trainer.state.global_step,
+    margins = implicit_reward_margins(trainer.model, None, tokenizer, held_out, DPO_BETA, args.max_length + 8,
+                                      args.batch_size)
+    return {"margins": margins, "steps": trainer.state.global_step,
             "seconds_per_step": timer.seconds_per_step(), "eval_seconds": time.perf_counter() - started}
 
 
@@ -216,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoTokenizer, set_seed
 
+    from rlhf.heldout import pairwise_report
     from rlhf.models import resolve_device
     from rlhf.settings import Settings
 
@@ -237,15 +247,22 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.methods.split(","):
         print(f"--- {name}", file=sys.stderr, flush=True)
         results[name] = runners[name]()
+    scored = report_records(held_out)
+    heldout = {name: pairwise_report(scored, results[name].pop("margins"), args.seed) for name in results}
+    for name, block in heldout.items():
+        print(f"{name}: {block['summary']}", file=sys.stderr, flush=True)
     dpo_step = results.get("dpo", {}).get("seconds_per_step")
     report = {
         "data": {"file": args.data.name, "pairs_fitting": fitting, "train_pairs": len(train),
-                 "eval_pairs": len(held_out), "max_length": args.max_length},
+                 "eval_pairs": len(held_out),
+                 "split": "by first human turn: no opening question on both sides",
+                 "max_length": args.max_length},
         "model": args.model, "device": str(resolve_device(settings.device)),
         "torch_threads": torch.get_num_threads(),
         "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "head_steps", "head_batch_size",
                                                     "head_learning_rate", "lm_learning_rate", "lora_r", "seed")},
-        "accuracy": {name: r["accuracy"] for name, r in results.items()},
+        "heldout": heldout,
+        "accuracy": {name: block["accuracy"] for name, block in heldout.items()},
         "seconds_per_step": {name: r["seconds_per_step"] for name, r in results.items()},
         "step_cost_vs_dpo": ({name: r["seconds_per_step"] / dpo_step for name, r in results.items()}
                              if dpo_step else None),

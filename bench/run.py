@@ -17,6 +17,7 @@ Benches run here (BENCHES below):
   generation  bench/generation.py  batched story generation against one prompt at a time
   stories     bench/stories.py     the starter policies' shares of finished, looping and cut stories
   closed_loop bench/closed_loop.py votes -> reward -> RLOO/DPO/DPH/RAFT: each child's win rate over its parent
+  babystories bench/babystories.py pretrain small and base from scratch, the closed loop from each
   training_cost bench/training_cost.py seconds per training step and per 1k pairs, per kind
   teams       bench/teams.py       TeaMs-RL instructor against random operations at equal query budgets
   metric_agreement bench/metric_agreement.py automatic story metrics against HANNA's human ratings
@@ -85,6 +86,10 @@ def _closed_loop_headline(report: dict) -> dict:
     return {m: {"win_rate": r["win_rate"], "ci95": r["ci95"]} for m, r in report["methods"].items()}
 
 
+def _babystories_headline(report: dict) -> dict:
+    return {size: {"win_rate": r["win_rate"], "ci95": r["ci95"]} for size, r in report["sizes"].items()}
+
+
 def _training_cost_headline(report: dict) -> dict:
     return {k: row["step_over_reward"] for k, row in report["table"].items()}
 
@@ -129,6 +134,7 @@ BENCHES = {
     ),
     "stories": Bench("bench.stories", ("--quick", "--json"), ("--json",), _stories_headline),
     "closed_loop": Bench("bench.closed_loop", ("--quick",), (), _closed_loop_headline),
+    "babystories": Bench("bench.babystories", ("--quick",), (), _babystories_headline),
     "training_cost": Bench("bench.training_cost", ("--quick",), (), _training_cost_headline),
     "teams": Bench("bench.teams", ("--quick",), (), _teams_headline),
     "metric_agreement": Bench("bench.metric_agreement", ("--quick",), (), _metric_agreement_headline),

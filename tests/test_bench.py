@@ -2,7 +2,9 @@
 
 The voting and training-cost benches take minutes (two servers; every training kind), so
 they are left to the full quick run. The closed loop runs here: it is the one end-to-end
-check that votes -> reward -> RLOO/DPO/DPH/RAFT -> new policies -> stories works in one process.
+check that votes -> reward -> RLOO/DPO/DPH/RAFT -> new policies -> stories works in one process;
+BabyStories runs the same loop from two models pretrained from scratch. The benches' own
+data helpers (the prompt-disjoint HH-RLHF split, the story pairs) are tested on small fixtures.
 """
 
 from __future__ import annotations
@@ -121,3 +123,84 @@ def test_the_rounds_bench_judges_the_champion_on_a_copy_of_the_arena(arena_dir):
     assert store.db.execute(f"SELECT count(*) FROM completions WHERE prompt_id IN ({marks})",
                             eval_ids).fetchone()[0] == 0
     assert not (settings.data_dir.parent / "judge").exists()
+
+
+def test_babystories_quick_pretrains_both_sizes_and_runs_the_loop_from_each():
+    done = subprocess.run([sys.executable, "-m", "bench.babystories", "--quick"],
+                          cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    small, base = report["sizes"]["small"], report["sizes"]["base"]
+    assert base["parameters"] > small["parameters"] > 0  # the two GPT-2 shapes, from scratch
+    for row in (small, base):
+        assert row["pretrain_steps"] == 10 and row["eval_perplexity"] > 0
+        assert row["votes"]["votes"] > 0 and row["method"] == "raft" and row["steps"] > 0 and row["kl"] > 0
+        assert report["eval_prompts"] // 2 < row["pairs"] <= report["eval_prompts"]
+        low, high = row["ci95"]
+        assert 0.0 <= low <= row["win_rate"] <= high <= 1.0 and low < high
+        assert row["wins"] + row["losses"] + row["ties"] == row["pairs"]
+        assert row["oracle_score_gain"] == round(row["oracle_score_child"] - row["oracle_score_parent"], 3)
+    difference = report["base_minus_small"]
+    assert difference["win_rate"] == round(base["win_rate"] - small["win_rate"], 3)
+    assert difference["oracle_score_gain"] == round(base["oracle_score_gain"] - small["oracle_score_gain"], 3)
+    overlap = base["ci95"][0] <= small["ci95"][1] and small["ci95"][0] <= base["ci95"][1]
+    assert difference["answer"].startswith("no answer") == overlap
+
+
+def hh_record(first: str, last: str | None = None, good: str = "Sure, here it is.", bad: str = "No.") -> dict:
+    turns = f"\n\nHuman: {first}" + (f"\n\nAssistant: Tell me more.\n\nHuman: {last}" if last else "")
+    return {"chosen": f"{turns}\n\nAssistant: {good}", "rejected": f"{turns}\n\nAssistant: {bad}"}
+
+
+def test_hh_pairs_are_held_out_by_their_first_human_turn():
+    from bench.hh_rlhf import split_by_first_turn, split_dialogue, without_turns_of
+
+    pair = split_dialogue(**hh_record("How do I bake bread?", "And without yeast?"))
+    assert pair["first_turn"] == "How do I bake bread?" and pair["last_turn"] == "And without yeast?"
+    # The same opening question, continued differently: never on both sides of the split.
+    pairs = [split_dialogue(**hh_record(f"Question {i % 10}?", f"Follow-up {i}?")) for i in range(60)]
+    train, held_out = split_by_first_turn(pairs, 0.3)
+    assert train and held_out and len(train) + len(held_out) == 60
+    assert not {p["first_turn"] for p in train} & {p["first_turn"] for p in held_out}
+    test = [split_dialogue(**hh_record(t)) for t in ("question 3?", "  Question   3? ", "Something new?")]
+    assert [p["first_turn"] for p in without_turns_of(test, pairs)] == ["Something new?"]
+
+
+STORY = ("Tom had a little red boat. He took the boat to the pond every morning. The sun was warm and the "
+         "water was calm. One day the wind blew the boat far away. Tom ran around the pond to find it. "
+         "A kind duck pushed the boat back to him. Tom said thank you and hugged his boat. They played "
+         "until the sun went down, and then Tom went home happy.")
+
+
+def test_story_pairs_degrade_real_stories_and_follow_the_oracle(tmp_path):
+    import random
+
+    from bench.story_pairs import looped, story_pairs, story_prompt, truncated
+    from bench.weak_supervision import stories_data
+    from rlhf.prompts import required_words
+    from rlhf.simulate import Oracle
+    from rlhf.story_features import has_ending, words
+    from rlhf.story_metrics import LOOP_MIN_REPEATS, story_features
+
+    rng = random.Random(0)
+    asked = required_words(story_prompt(STORY, rng))
+    assert len(asked) == 3 and set(asked) <= set(words(STORY))
+    assert has_ending(STORY) and not has_ending(truncated(STORY, rng))
+    assert story_features("", looped(STORY, rng)).max_sentence_repeats == LOOP_MIN_REPEATS
+
+    names = ["Tom", "Mia", "Ben", "Lily", "Sam", "Zoe"]
+    stories = [STORY.replace("Tom", names[i % 6]).replace("boat", ["boat", "kite", "ball"][i % 3])
+               .replace("pond", ["pond", "park", "lake", "beach"][i % 4]) for i in range(60)]
+    oracle = Oracle(min_words=20, max_words=120)
+    pairs = story_pairs(stories, oracle, seed=0)
+    assert len(pairs) > 20 and len({p["prompt"] for p in pairs}) == len(pairs)
+    assert all(oracle.score(p["prompt"], p["chosen"]) > oracle.score(p["prompt"], p["rejected"]) for p in pairs)
+    assert {kind for p in pairs for kind in p["kinds"]} == {"own", "other", "own-truncated", "own-looped",
+                                                           "other-looped"}
+
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories), encoding="utf-8")
+    data = stories_data(path, 60, 0.3, 100, 0.8, oracle, seed=0)
+    assert data.pool and data.test and len(data.test) == len(data.test_records)
+    assert not {p for p, _, _ in data.pool} & {p for p, _, _ in data.test}  # held out by prompt
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in data.test_records] == data.test
