@@ -33,14 +33,13 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from bench.closed_loop import METHODS, TRAINED_KINDS, child_policy, loop_from, parse_overrides, train
+from bench.workdir import work_dir
 from rlhf.pool import fill_pool
 from rlhf.prepare import prepare
 from rlhf.prompts import SEED_PROMPTS
@@ -171,13 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(exc))
 
     started = time.perf_counter()
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="babystories-")) if temporary else args.work_dir
-    try:
-        results = {size: run_size(work_dir, size, corpus, pretrain, args, oracle, overrides) for size in sizes}
-    finally:
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    with work_dir(args.work_dir, "babystories-") as folder:
+        results = {size: run_size(folder, size, corpus, pretrain, args, oracle, overrides) for size in sizes}
     for size, row in results.items():
         low, high = row["ci95"]
         _log(f"{size}: {row['parameters']} parameters, {args.method} win {row['win_rate']:.3f} [{low:.3f}, "

@@ -33,16 +33,15 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from bench.workdir import work_dir
 from rlhf import arena
 from rlhf.divergence import sampled_kl
 from rlhf.generate import Decoding
@@ -318,16 +317,11 @@ def main() -> None:
         overrides = parse_overrides(args.set)
     except ValueError as exc:
         parser.error(str(exc))
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="closed-loop-")) if temporary else args.work_dir
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # trainers print logs on stdout; JSON only there
-            report = run(work_dir, args.starter, args.prompts, args.eval_prompts, annotators, votes,
-                         args.accuracy, args.max_new_tokens, steps, oracle, args.device, args.seed,
-                         args.learning_rate, methods, overrides, args.generation_batch_size)
-    finally:
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    # Trainers print logs on stdout; JSON only there.
+    with work_dir(args.work_dir, "closed-loop-") as folder, contextlib.redirect_stdout(sys.stderr):
+        report = run(folder, args.starter, args.prompts, args.eval_prompts, annotators, votes,
+                     args.accuracy, args.max_new_tokens, steps, oracle, args.device, args.seed,
+                     args.learning_rate, methods, overrides, args.generation_batch_size)
     report["command"] = " ".join(sys.argv[1:])
     print(json.dumps(report, indent=2, default=str))
 

@@ -30,12 +30,12 @@ import json
 import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench.closed_loop import cast_votes, head_to_head, parse_overrides
+from bench.workdir import work_dir
 from rlhf import jobs, rounds
 from rlhf.pool import fill_pool
 from rlhf.prepare import prepare
@@ -204,16 +204,11 @@ def main() -> None:
     except ValueError as exc:
         parser.error(str(exc))
     oracle = Oracle(min_words=args.oracle_min_words, max_words=args.oracle_max_words)
-    temporary = args.work_dir is None
-    work_dir = Path(tempfile.mkdtemp(prefix="rounds-")) if temporary else args.work_dir
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # trainers print logs on stdout; JSON only there
-            report = run(work_dir, args.starter, args.rounds, args.prompts, args.eval_prompts, args.votes_per_round,
-                         args.annotators, args.accuracy, recipe, args.max_new_tokens, oracle, args.device, args.seed,
-                         args.generation_batch_size)
-    finally:
-        if temporary:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    # Trainers print logs on stdout; JSON only there.
+    with work_dir(args.work_dir, "rounds-") as folder, contextlib.redirect_stdout(sys.stderr):
+        report = run(folder, args.starter, args.rounds, args.prompts, args.eval_prompts, args.votes_per_round,
+                     args.annotators, args.accuracy, recipe, args.max_new_tokens, oracle, args.device, args.seed,
+                     args.generation_batch_size)
     report["command"] = " ".join(sys.argv[1:])
     print(json.dumps(report, indent=2, default=str))
 
