@@ -4,8 +4,9 @@ The `raft` training kind (rlhf.runner: `run(ctx) -> JobResult`): a policy writes
 per training prompt with its own decoding, the reward model (or a DPH head) scores them,
 and the best story of each prompt is kept when it beats the mean of its k by more than
 `margin` (a prompt whose stories all score alike teaches nothing). The policy is then
-fine-tuned on the kept stories with TRL's SFTTrainer (prompt-completion records in the
-generation format, loss on the story only). `iterations` > 1 repeats this from the new
+fine-tuned on the kept stories with TRL's SFTTrainer (token records in the generation
+format, loss on the story only, end-of-sequence only after a story that ended by itself,
+never after one the budget cut). `iterations` > 1 repeats this from the new
 policy (ReST's "grow" rounds). Cheap on CPU: sampling and one supervised pass, no RL.
 
 - prompts: the training side of rlhf.heldout.split_by_prompt over the prompts of
@@ -33,7 +34,7 @@ from typing import ClassVar
 
 from rlhf import scoring
 from rlhf.divergence import sampled_kl
-from rlhf.generate import Decoding, generate_stories, prompt_and_story
+from rlhf.generate import Decoding, Story, generate_stories, prompt_and_story
 from rlhf.heldout import split_by_prompt
 from rlhf.models import resolve_device
 from rlhf.params import MODEL_ID_RANGE, JobParams, param
@@ -99,16 +100,33 @@ def prompt_split(store, source: str, count: int) -> tuple[list[str], list[str]]:
     return [r["prompt"] for r in train[:count]], [r["prompt"] for r in held_out[:EVAL_PROMPTS]]
 
 
-def winners(prompts: list[str], stories: list[str], rewards: list[float], k: int, margin: float) -> list[dict]:
+def winners(prompts: list[str], stories: list[str], rewards: list[float], k: int, margin: float,
+            cut: list[bool] | None = None) -> list[dict]:
     """Per prompt (k consecutive samples each), its best story when that beats the mean
-    reward of the k by more than margin, as {prompt, story, reward}."""
+    reward of the k by more than margin, as {prompt, story, reward, cut}; `cut` marks the
+    stories the token budget ended (none when not given)."""
+    cut = cut or [False] * len(stories)
     kept = []
     for i in range(0, len(stories), k):
         group = rewards[i:i + k]
         best = max(range(len(group)), key=group.__getitem__)
         if group[best] - statistics.fmean(group) > margin:
-            kept.append({"prompt": prompts[i], "story": stories[i + best], "reward": group[best]})
+            kept.append({"prompt": prompts[i], "story": stories[i + best], "reward": group[best], "cut": cut[i + best]})
     return kept
+
+
+def sft_record(tokenizer, prompt: str, story: str, cut: bool) -> dict:
+    """One fine-tuning example as token ids and loss mask: the prompt as generation formats it,
+    the story, and end-of-sequence only when the story ended by itself. SFTTrainer would end
+    every completion with EOS, and a story the budget cut (then trimmed to its last sentence)
+    would teach the policy to stop there: a RAFT child on the SmolLM2 starter wrote 74 tokens
+    a story against its parent's 95 (README, closed loop)."""
+    prompt_text, completion = prompt_and_story(tokenizer, prompt, story)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+    story_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if not cut:
+        story_ids = [*story_ids, tokenizer.eos_token_id]
+    return {"input_ids": prompt_ids + story_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(story_ids)}
 
 
 def run(ctx: JobContext) -> JobResult:
@@ -129,8 +147,8 @@ def run(ctx: JobContext) -> JobResult:
     scorer = scoring.load_reward_scorer(reward_record, device)
     model.to(device)
     eval_prompts = [t for t in eval_texts for _ in range(EVAL_SAMPLES_PER_PROMPT)]
-    reward_before = statistics.fmean(scorer(eval_prompts, _sample(model, tokenizer, eval_prompts, decoding,
-                                                                  settings, EVAL_SEED)))
+    before = _sample(model, tokenizer, eval_prompts, decoding, settings, EVAL_SEED)
+    reward_before = statistics.fmean(scorer(eval_prompts, [s.text for s in before]))
     rounds, resume = [], ctx.resume_from  # a checkpoint belongs to the first round not yet recorded
     for number in range(1, p.iterations + 1):
         record_file = ctx.output_dir / f"round-{number}.json"
@@ -161,7 +179,7 @@ def run(ctx: JobContext) -> JobResult:
     parent, _ = load_trainable_lm(base.source, settings.hub_token)
     child.to(device).eval()
     parent.to(device).eval()
-    stories = _sample(child, tokenizer, eval_prompts, decoding, settings, EVAL_SEED)
+    stories = [s.text for s in _sample(child, tokenizer, eval_prompts, decoding, settings, EVAL_SEED)]
     reward_after = statistics.fmean(scorer(eval_prompts, stories))
     kl = sampled_kl(child, parent, tokenizer, eval_prompts, stories, decoding.temperature)
     metrics = {
@@ -195,11 +213,10 @@ def run(ctx: JobContext) -> JobResult:
     )])
 
 
-def _sample(model, tokenizer, prompts: list[str], decoding: Decoding, settings, seed: int) -> list[str]:
+def _sample(model, tokenizer, prompts: list[str], decoding: Decoding, settings, seed: int) -> list[Story]:
     model.eval()
     tokenizer.padding_side = "left"  # batched generation pads on the left
-    return [s.text for s in generate_stories(model, tokenizer, prompts, decoding,
-                                             batch_size=settings.generation_batch_size, seed=seed)]
+    return generate_stories(model, tokenizer, prompts, decoding, batch_size=settings.generation_batch_size, seed=seed)
 
 
 def _keep_winners(ctx: JobContext, model, tokenizer, scorer, texts: list[str], decoding: Decoding, number: int,
@@ -214,10 +231,12 @@ def _keep_winners(ctx: JobContext, model, tokenizer, scorer, texts: list[str], d
         ctx.progress(start, f"round {number}: sampling {p.k} stories for each of {len(texts)} prompts")
         prompts = [t for t in texts for _ in range(p.k)]
         stories = _sample(model, tokenizer, prompts, decoding, ctx.settings, p.seed + number)
-        sampled = {"prompts": prompts, "stories": stories, "rewards": [float(r) for r in scorer(prompts, stories)]}
+        texts = [s.text for s in stories]
+        sampled = {"prompts": prompts, "stories": texts, "cut": [s.truncated for s in stories],
+                   "rewards": [float(r) for r in scorer(prompts, texts)]}
         ctx.output_dir.mkdir(parents=True, exist_ok=True)
         samples_file.write_text(json.dumps(sampled), encoding="utf-8")
-    kept = winners(sampled["prompts"], sampled["stories"], sampled["rewards"], p.k, p.margin)
+    kept = winners(sampled["prompts"], sampled["stories"], sampled["rewards"], p.k, p.margin, sampled.get("cut"))
     if not kept:
         raise ValueError(
             f"RAFT kept no stories in round {number}: for none of {len(texts)} prompts did the best of {p.k} "
@@ -239,8 +258,7 @@ def _fine_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learning_rat
     from trl import SFTConfig, SFTTrainer
 
     p = ctx.params
-    records = [dict(zip(("prompt", "completion"), prompt_and_story(tokenizer, w["prompt"], w["story"])))
-               for w in kept]
+    records = [sft_record(tokenizer, w["prompt"], w["story"], w["cut"]) for w in kept]
     tokenizer.padding_side = "right"
     config = SFTConfig(
         output_dir=str(ctx.output_dir),

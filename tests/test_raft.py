@@ -15,7 +15,7 @@ from rlhf.heldout import split_by_prompt
 from rlhf.jobs import run_inline
 from rlhf.models import load_causal_lm
 from rlhf.progress import JobProgress
-from rlhf.raft import RaftParams, prompt_split, winners
+from rlhf.raft import RaftParams, prompt_split, sft_record, winners
 from rlhf.runner import output_dir, train
 from storage import annotators, completions, models, votes
 from storage import jobs as job_rows
@@ -49,6 +49,24 @@ def test_winners_are_each_prompts_best_story_when_it_beats_the_mean_by_the_margi
     assert [(w["prompt"], w["story"], w["reward"]) for w in kept] == [("a", "a2", 0.9), ("c", "c1", 1.0)]
     # c's best beats its mean (0.567) by 0.43, a's (0.4) by 0.5: a margin of 0.45 keeps only a.
     assert [w["story"] for w in winners(prompts, stories, rewards, k=3, margin=0.45)] == ["a2"]
+
+
+def test_only_a_story_that_ended_by_itself_teaches_the_policy_to_stop(arena_dir):
+    """A story the budget cut ends without end-of-sequence in its fine-tuning record; the loss
+    covers the story (and EOS when it ended by itself), never the prompt."""
+    settings, store = arena_dir
+    policy = models.list_models(store.db)[0]
+    _, tokenizer = load_causal_lm(policy.source, "cpu")
+    prompts, stories, rewards = ["p"] * 2 + ["q"] * 2, ["Tom ran home.", "x", "y", "Sam sat down."], [1, 0, 0, 1]
+    kept = winners(prompts, stories, rewards, k=2, margin=0.0, cut=[False, False, False, True])
+    finished, cut = (sft_record(tokenizer, w["prompt"], w["story"], w["cut"]) for w in kept)
+    for record, story in ((finished, "Tom ran home."), (cut, "Sam sat down.")):
+        assert len(record["input_ids"]) == len(record["completion_mask"])
+        taught = [t for t, m in zip(record["input_ids"], record["completion_mask"]) if m]
+        assert tokenizer.decode(taught, skip_special_tokens=True).strip() == story
+        assert record["completion_mask"][0] == 0
+    assert finished["input_ids"][-1] == tokenizer.eos_token_id
+    assert cut["input_ids"][-1] != tokenizer.eos_token_id
 
 
 def test_training_prompts_never_include_held_out_ones(arena_dir):
