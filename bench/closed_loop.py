@@ -71,14 +71,12 @@ def _log(message: str) -> None:
 
 
 def cast_votes(settings: Settings, annotators: int, votes: int, accuracy: float, oracle: Oracle, seed: int) -> dict:
-    """Up to `votes` votes in all, each simulated annotator judging the pairs the arena
-    serves them (at most one per prompt) until the total is reached. Votes already in the
-    work dir count, so a rerun on the same --work-dir tops them up instead of doubling them."""
+    """Up to `votes` new votes, each simulated annotator judging the pairs the arena serves
+    them (at most one per prompt) until that many are cast; the oracle agreement is over
+    every stored human vote."""
     store = settings.store()
     rng = random.Random(seed)
-    cast = votes_table.human_vote_total(store.db)
-    if cast:
-        _log(f"{cast} votes already in the work dir")
+    cast = 0
     for i in range(annotators):
         annotator = Annotator(f"sim-{i}", accuracy)
         who = arena.sign_in(store, settings, annotator.name)
@@ -193,7 +191,11 @@ def loop_from(settings: Settings, parent: int, report: dict, pool_prompts: int, 
     then each method's child judged against `parent`; fills report's votes, reward,
     methods and seconds. bench.babystories enters here with a pretrained parent."""
     store = settings.store()
-    report["votes"] = cast_votes(settings, annotators, votes, accuracy, oracle, seed)
+    already = votes_table.human_vote_total(store.db)  # a rerun on the same --work-dir tops them up
+    if already:
+        _log(f"{already} votes already in the work dir")
+    cast = cast_votes(settings, annotators, max(votes - already, 0), accuracy, oracle, seed)
+    report["votes"] = {**cast, "votes": already + cast["votes"], "votes_before_this_run": already}
     _log(f"{report['votes']['votes']} simulated votes")
     reward_params = _with_steps({"base": parent, **overrides.get("reward", {})}, steps["reward"])
     reward_job, report["seconds"]["reward"] = train(settings, "reward", reward_params)
