@@ -98,9 +98,13 @@ def test_generated_stories_that_fail_are_stored_with_the_reason_and_never_paired
     new_prompt = prompts.list_prompts(store.db, collection="night")[0]["id"]
     policies = models.list_models(store.db, active_only=True)
     texts = iter(["The moon smiled at the owl.", "They tripped over a corpse in the dark."])
-    monkeypatch.setattr(pool, "generate_stories",
-                        lambda model, tokenizer, prompts, *args, **kwargs: [Story(next(texts), 5, 1.0, False)
-                                                                            for _ in prompts])
+
+    def written(model, tokenizer, prompts, *args, **kwargs):
+        return [Story(next(texts), 5, 1.0, False) for _ in prompts]
+
+    # The starters share weights and write in one call (generate_rows); other policies one by one.
+    monkeypatch.setattr(pool, "generate_stories", written)
+    monkeypatch.setattr(pool, "generate_rows", written)
     pool.fill_pool(store, settings, [p.id for p in policies], settings.pool_prompts, lambda f, m: None)
     stories = {c["model_id"]: c for c in store.db["completions"].rows_where("prompt_id = ?", [new_prompt])}
     assert [stories[p.id]["blocked_reason"] for p in policies] == [None, "theme: corpse"]
