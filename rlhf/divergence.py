@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from rlhf.generate import prompt_and_story
+from rlhf.models import context_length
 
 KL_BATCH = 8
 
@@ -41,7 +42,9 @@ def sampled_kl(child, parent, tokenizer, prompts: Sequence[str], stories: Sequen
     0.0 when no story has a token."""
     if len(prompts) != len(stories):
         raise ValueError(f"{len(prompts)} prompts but {len(stories)} stories.")
-    encoded = [_story_ids(tokenizer, p, s) for p, s in zip(prompts, stories) if s.strip()]
+    limit = context_length(child)  # a decoded story can re-tokenise longer than it was written
+    encoded = [(ids[:limit], start) for ids, start in
+               (_story_ids(tokenizer, p, s) for p, s in zip(prompts, stories) if s.strip())]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total, tokens = 0.0, 0
     with torch.inference_mode():

@@ -298,11 +298,6 @@ def _policy_name(base: ModelRecord) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", base.name)[: NAME_LIMIT - len(suffix) - 3] + suffix
 
 
-def _context(lm) -> int | None:
-    config = lm.config.get_text_config()
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def feature_collator(rows: list[dict]) -> dict:
     return {"chosen": torch.stack([r["chosen"] for r in rows]), "rejected": torch.stack([r["rejected"] for r in rows])}
 
@@ -452,7 +447,7 @@ def _score_pool(store, reward: ModelRecord, head: PreferenceHead, features: Head
 def run(ctx: JobContext) -> JobResult:
     """Train a preference head (and optionally the LM) on the chosen votes: the best-of-k
     DPH policy and, with register_reward, the head as a reward model."""
-    from rlhf.training import chosen_model, load_trainable_lm
+    from rlhf.training import chosen_model, fitted_max_length, load_trainable_lm
 
     p, store, settings, progress, output_dir = ctx.params, ctx.store, ctx.settings, ctx.progress, ctx.output_dir
     base = chosen_model(store, p.base, "base policy")
@@ -464,12 +459,7 @@ def run(ctx: JobContext) -> JobResult:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"The tokenizer of {base.name} has no eos token to end each story with.")
     use_cache = getattr(lm.config, "use_cache", True)
-    max_length = p.max_length
-    context = _context(lm)
-    if context and max_length > context:
-        if "max_length" in p.explicit:
-            raise ValueError(f"max_length {max_length} exceeds the context of {base.name} ({context} tokens).")
-        max_length = context
+    max_length = fitted_max_length(lm, p, base.name)
     fitted = fit_head(settings, p, lm, tokenizer, train_records, eval_records, max_length, base.source,
                       output_dir, progress)
     lm, head = fitted.lm, fitted.head

@@ -55,6 +55,7 @@ from rlhf.training import (
     dataset_names,
     datasets_param,
     epochs_made,
+    fitted_max_length,
     job_preference_data,
     load_trainable_lm,
     lora_and_rate,
@@ -202,11 +203,6 @@ def preference_dataset(records: list[dict], tokenizer) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def _context(model) -> int | None:
-    config = model.config.get_text_config()
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def implicit_reward_margins(model, ref_model, tokenizer, records: list[dict], beta: float, max_length: int,
                             batch_size: int) -> list[float]:
     """beta * (log-ratio chosen - log-ratio rejected) per preference record, the log-ratio
@@ -272,12 +268,7 @@ def run(ctx: JobContext) -> JobResult:
     model, tokenizer = load_trainable_lm(base.source, settings.hub_token)
     use_cache = getattr(model.config, "use_cache", True)  # Trainer sets it to False in the config it saves
     use_lora, learning_rate = lora_and_rate(model, p.lora, p.learning_rate)
-    context = _context(model)
-    max_length = p.max_length
-    if context and max_length > context:
-        if "max_length" in p.explicit:
-            raise ValueError(f"max_length {max_length} exceeds the context of {base.name} ({context} tokens).")
-        max_length = context
+    max_length = fitted_max_length(model, p, base.name)
     peft_config = lora_config(model, p.lora_r) if use_lora else None
     # Full fine-tuning needs a frozen reference; with LoRA the adapter-disabled model is the reference.
     ref_model = None

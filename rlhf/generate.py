@@ -24,8 +24,9 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from rlhf.models import context_length
 from rlhf.params import check_real, check_whole, given_params
-from rlhf.story_features import trim_unfinished
+from rlhf.story_features import printable, trim_unfinished
 
 # A length and a clear ending, asked for in words: without them most SmolLM2 pool stories ran
 # past their 200-token budget mid-sentence (issue 13); bench/stories.py measures the result.
@@ -117,7 +118,7 @@ def _generate_batch(model, tokenizer, texts: list[str], decoding: Decoding, eos_
     ).to(model.device)
     prompt_len = enc["input_ids"].shape[1]
     max_new = decoding.max_new_tokens
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = context_length(model)
     if context:
         max_new = min(max_new, context - prompt_len)
         if max_new < 1:
@@ -147,7 +148,7 @@ def _story(tokenizer, row: torch.Tensor, eos_ids: list[int], ms: float, finished
     """The story in a row of new tokens; a finished row without end-of-sequence hit the budget."""
     n = _length_to_eos(row, eos_ids)
     truncated = finished and n == len(row)
-    text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+    text = printable(tokenizer.decode(row[:n], skip_special_tokens=True)).strip()
     return Story(text=trim_unfinished(text) if truncated else text, tokens=n, ms=ms, truncated=truncated)
 
 

@@ -67,9 +67,10 @@ def measure_new_stories(store: Store, model_id: int | None = None) -> int:
 def corpus_perplexity(model, tokenizer, texts: Iterable[str],
                       max_tokens: int = PERPLEXITY_MAX_TOKENS) -> tuple[float, int]:
     """(perplexity, tokens scored) of a causal LM on stories joined by <|endoftext|>."""
+    from rlhf.models import context_length
     from rlhf.pretrain import eval_loss, pack
 
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 0)
+    context = context_length(model)
     blocks = pack(tokenizer, texts, min(PERPLEXITY_BLOCK, context or PERPLEXITY_BLOCK), max_tokens, keep_partial=True)
     if not blocks:
         raise ValueError("The metrics corpus is too short to measure perplexity.")

@@ -164,6 +164,17 @@ def build_tiny_starter(models_dir: Path, texts: Sequence[str], seed: int = 0) ->
     return save_atomically(target, write)
 
 
+def context_length(model, tokenizer=None) -> int | None:
+    """How many tokens the model reads at once: its position embeddings (GPT-2 calls them
+    n_positions), and the tokenizer's model_max_length when it is given and not a placeholder."""
+    config = model.config.get_text_config()
+    limits = [getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)]
+    if tokenizer is not None:
+        limits.append(tokenizer.model_max_length)
+    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(limits) if limits else None
+
+
 def resolve_device(requested: str = "auto") -> torch.device:
     """"auto" picks CUDA when available, else the CPU."""
     if requested == "auto":

@@ -36,7 +36,7 @@ from rlhf import scoring
 from rlhf.divergence import sampled_kl
 from rlhf.generate import Decoding, Story, generate_stories, prompt_and_story
 from rlhf.heldout import split_by_prompt
-from rlhf.models import resolve_device
+from rlhf.models import context_length, resolve_device
 from rlhf.params import MODEL_ID_RANGE, JobParams, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
@@ -268,6 +268,7 @@ def _fine_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learning_rat
         gradient_accumulation_steps=1,
         learning_rate=learning_rate,
         completion_only_loss=True,
+        max_length=context_length(model),  # a re-tokenised story plus its end can pass the context
         seed=p.seed,
         save_steps=math.ceil(len(records) / p.batch_size),  # about once per epoch
         **trainer_device_args(ctx.settings),

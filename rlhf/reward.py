@@ -55,10 +55,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf.encoders import minilm_dir
 from rlhf.heldout import pairwise_report
-from rlhf.models import ModelLoadError, resolve_device
+from rlhf.models import ModelLoadError, context_length, resolve_device
 from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec
-from rlhf.scoring import META_FILE, encode, make_scorer, model_limit, score_new_completions
+from rlhf.scoring import META_FILE, encode, make_scorer, score_new_completions
 from rlhf.training import (
     ProgressCallback,
     chosen_model,
@@ -296,7 +296,7 @@ def _fit(ctx: JobContext, source: str, train: list[dict]):
 
     settings, p, progress = ctx.settings, ctx.params, ctx.progress
     model, tokenizer = _load_backbone(source, p.backbone, settings.hub_token)
-    limit = model_limit(model, tokenizer)
+    limit = context_length(model, tokenizer)
     meta = {"backbone": p.backbone, "max_length": min(p.max_length, limit) if limit else p.max_length}
     trainable = freeze_lower_layers(model, p.train_layers)
     data = Dataset.from_dict({

@@ -35,12 +35,6 @@ SCORE_BATCH = 16
 META_FILE = "reward_model.json"
 
 
-def model_limit(model, tokenizer) -> int | None:
-    limits = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
-    limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-    return min(limits) if limits else None
-
-
 def reward_texts(tokenizer, backbone: str, prompts: Sequence[str], stories: Sequence[str]) -> list[str]:
     """What the reward model reads: the prompt as the policy saw it, then the story."""
     if backbone == "minilm":

@@ -12,6 +12,13 @@ from collections import Counter
 WORD = re.compile(r"[A-Za-z']+")
 ENDINGS = (".", "!", "?", '"', "\u201d")
 SENTENCE_END = re.compile(r'[.!?]["\u201d]*(?=\s|$)')
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """The text without control characters (a model can emit any byte), line breaks as \\n:
+    what a browser shows is then exactly what is stored and judged."""
+    return CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def words(text: str) -> list[str]:

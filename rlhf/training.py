@@ -17,7 +17,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from rlhf.export import preference_records
 from rlhf.heldout import split_by_prompt
-from rlhf.models import resolve_device
+from rlhf.models import context_length, resolve_device
 from rlhf.params import param
 from rlhf.policies import queue_pool
 from rlhf.progress import JobProgress
@@ -226,6 +226,16 @@ def load_trainable_lm(source: str, token: str | None, padding_side: str | None =
             raise ValueError(f'The tokenizer of "{source}" has neither a pad nor an eos token.')
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def fitted_max_length(model, params, model_name: str) -> int:
+    """The job's max_length, lowered to the model's context; an explicit value that does not fit is an error."""
+    context = context_length(model)
+    if context and params.max_length > context:
+        if "max_length" in params.explicit:
+            raise ValueError(f"max_length {params.max_length} exceeds the context of {model_name} ({context} tokens).")
+        return context
+    return params.max_length
 
 
 def lora_and_rate(model, lora: bool | None, learning_rate: float | None) -> tuple[bool, float]:

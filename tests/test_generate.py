@@ -4,7 +4,7 @@ from transformers import AutoTokenizer
 
 from rlhf.generate import SYSTEM_PROMPT, Decoding, Story, _length_to_eos, format_prompt, generate_stories
 from rlhf.models import build_tiny_starter, load_causal_lm
-from rlhf.story_features import trim_unfinished
+from rlhf.story_features import CONTROL, printable, trim_unfinished
 from tests.test_models import STORY_TEXTS
 
 PROMPTS = ["A cat finds a hat.", "A dog who is afraid of rain.", "Two friends and a kite."]
@@ -149,6 +149,14 @@ def test_truncated_when_the_budget_is_hit_and_not_when_eos_came(tiny, monkeypatc
     monkeypatch.setattr(model.generation_config, "eos_token_id", list(range(vocab)))
     ended = generate_stories(model, tokenizer, PROMPTS, Decoding(max_new_tokens=9), seed=0)
     assert [(s.tokens, s.truncated) for s in ended] == [(0, False)] * 3
+
+
+def test_stories_hold_no_control_characters(tiny):
+    """The tiny random model emits any byte; what is stored must be what the browser shows."""
+    _, model, tokenizer = tiny
+    stories = generate_stories(model, tokenizer, PROMPTS * 4, Decoding(max_new_tokens=48), seed=0)
+    assert stories and not any(CONTROL.search(s.text) or "\r" in s.text for s in stories)
+    assert printable("a\r\nb\rc\x00d\x07e\tf") == "a\nb\ncde\tf"
 
 
 def test_no_repeat_ngram_size_reaches_generate(tiny, monkeypatch):

@@ -171,3 +171,25 @@ def test_a_requeued_job_resumes_and_registers_nothing_twice(arena_dir, monkeypat
     assert record.kind == "raft" and record.metrics["iterations"] == 2 and record.metrics["samples"] == 16
     assert train(settings, "raft", params, Recording(settings, job_id)).id == record.id
     assert [m.kind for m in models.list_models(db)].count("raft") == 1
+
+
+def test_stories_that_fill_the_context_still_fine_tune(arena_dir, monkeypatch, tmp_path):
+    """A story generated up to the last position, re-tokenised and ended with end-of-sequence,
+    is longer than the context: the fine-tuning records are cut to fit (the BabyStories
+    models have short contexts)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    settings, store = arena_dir
+    base = models.list_models(store.db)[0]
+    short = tmp_path / "short-context"
+    config = GPT2Config.from_pretrained(base.path)
+    config.n_positions = 96
+    GPT2LMHeadModel(config).save_pretrained(short)
+    AutoTokenizer.from_pretrained(base.path).save_pretrained(short)
+    policy = models.add_model(store.db, "short-context", "starter", path=str(short), decoding=base.decoding)
+    reward_row = models.add_model(store.db, "length-reward", "reward", path=base.path, active=False)
+    monkeypatch.setattr(scoring, "load_reward_scorer",
+                        lambda record, device: lambda prompts, stories: [float(len(s)) for s in stories])
+    job = run_inline(settings, "raft", {"base": policy.id, "reward_model": reward_row.id, "prompts": 4, "k": 2,
+                                        "max_new_tokens": 64, "batch_size": 2, "max_steps": 2})
+    assert job["status"] == "succeeded", job["error"]
