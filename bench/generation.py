@@ -9,7 +9,9 @@ them alike. Prints JSON: useful (pre-EOS) story tokens per second per batch size
 each size's speed-up over batch size 1, measured in this one run. Then, as the pool job
 writes for two policies that share weights (the starter's two decodings), batches of the
 pool's size for each policy in turn against one call holding both policies' rows
-(rlhf.generate.generate_rows), taking turns the same way.
+(rlhf.generate.generate_rows), taking turns the same way. Last, float32 against the dtype
+the arena generates in (rlhf.models.generation_dtype) at the first pair's batch (2) and the
+pool's, again taking turns.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from rlhf.generate import Decoding, generate_rows, generate_stories
-from rlhf.models import build_tiny_starter, load_causal_lm, resolve_device
+from rlhf.models import build_tiny_starter, generation_dtype, load_causal_lm, resolve_device
 from rlhf.prompts import SEED_PROMPTS
 from rlhf.settings import Settings
 
@@ -36,7 +38,7 @@ def run(model_source: str, prompt_count: int = 16, batch_sizes: tuple[int, ...] 
         max_new_tokens: int = 128, rounds: int = 2, device_name: str = "auto") -> dict:
     """Time every batch size on the same prompts, taking turns; returns the report."""
     device = resolve_device(device_name)
-    model, tokenizer = load_causal_lm(model_source, device)
+    model, tokenizer = load_causal_lm(model_source, device, dtype=generation_dtype(device))
     prompts = list(SEED_PROMPTS[:prompt_count])
     decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens)
     sizes = list(batch_sizes)
@@ -51,12 +53,34 @@ def run(model_source: str, prompt_count: int = 16, batch_sizes: tuple[int, ...] 
     base = statistics.median(rates[sizes[0]])
     return {
         "model": model_source, "device": str(device), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+        "machine": platform.machine(), "dtype": str(model.dtype), "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
         "rounds": rounds,
         "tokens_per_s": {str(s): round(statistics.median(r), 1) for s, r in rates.items()},
         "speedup_vs_batch_1": {str(s): round(statistics.median(r) / base, 2) for s, r in rates.items()},
         "two_policies": two_policies(model, tokenizer, prompts, max_new_tokens, rounds),
+        "dtypes": dtypes(model_source, device, prompts, decoding, rounds),
     }
+
+
+def dtypes(model_source: str, device, prompts: list[str], decoding: Decoding, rounds: int) -> dict:
+    """Story tokens per second in float32 and in the arena's generation dtype, per batch size."""
+    kinds = {str(dtype): load_causal_lm(model_source, device, dtype=dtype)
+             for dtype in (torch.float32, generation_dtype(device))}
+    report = {}
+    for size in sorted({min(2, len(prompts)), min(Settings.generation_batch_size, len(prompts))}):
+        rates: dict[str, list[float]] = {name: [] for name in kinds}
+        for round_no in range(rounds):
+            for name, (model, tokenizer) in kinds.items():
+                start = time.perf_counter()
+                stories = generate_stories(model, tokenizer, prompts[:size], decoding, batch_size=size, seed=round_no)
+                rates[name].append(sum(s.tokens for s in stories) / (time.perf_counter() - start))
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        report[f"batch_{size}"] = {
+            "tokens_per_s": {name: round(m, 1) for name, m in medians.items()},
+            "speedup_vs_float32": round(medians[str(generation_dtype(device))] / medians[str(torch.float32)], 2),
+        }
+    return report
 
 
 def two_policies(model, tokenizer, prompts: list[str], max_new_tokens: int, rounds: int) -> dict:

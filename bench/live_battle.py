@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhf import arena
-from rlhf.models import load_causal_lm, resolve_device
+from rlhf.models import generation_dtype, load_causal_lm, resolve_device
 from rlhf.prepare import starter_policies
 from rlhf.prompts import SEED_PROMPTS
 from rlhf.settings import Settings
@@ -37,7 +37,8 @@ def run(data_dir: Path, starter: str, rounds: int, max_new_tokens: int) -> dict:
     store = settings.store()
     policies = starter_policies(store, settings, lambda f, m: None)
     started = time.perf_counter()
-    load_causal_lm(policies[0].source, resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    load_causal_lm(policies[0].source, device, dtype=generation_dtype(device))  # the arena's own cache entry
     load_s = time.perf_counter() - started
     annotator = arena.sign_in(store, settings, "bench")["id"]
     table = []

@@ -296,10 +296,10 @@ def _live_stories(settings: Settings, pair: Sequence, text: str, decodings: Sequ
     """Both stories so far after each step: ONE batched generate call when the two policies share
     weights (the starters: one model, two decodings), else one call per model side by side."""
     from rlhf.generate import stream_stories
-    from rlhf.models import load_causal_lm, resolve_device
+    from rlhf.models import generation_dtype, load_causal_lm, resolve_device
 
     device = resolve_device(settings.device)
-    loaded = [load_causal_lm(p.source, device, settings.hub_token) for p in pair]
+    loaded = [load_causal_lm(p.source, device, settings.hub_token, generation_dtype(device)) for p in pair]
     if pair[0].source == pair[1].source:
         yield from stream_stories(*loaded[0], [text, text], decodings, settings.max_new_tokens)
         return

@@ -8,7 +8,9 @@ becomes a ModelLoadError whose message can be shown to annotators as is.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import os
 import re
@@ -85,6 +87,22 @@ def _starter_package_dir() -> Path:
     return pkg_dir
 
 
+@contextlib.contextmanager
+def _tensor_name_map_built_once():
+    """Memoise gguf.get_tensor_name_map while transformers reads a GGUF. Its loader asks for
+    the map once per module (397 times for SmolLM2) and each call rebuilds the same read-only
+    TensorNameMap: half of the conversion's time (cProfile, first start). No option of
+    transformers or gguf avoids it, so the function is wrapped for the duration of the read."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.cache(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def prepare_starter(
     models_dir: Path,
     progress: Callable[[float, str], None] = lambda f, m: None,
@@ -97,8 +115,9 @@ def prepare_starter(
     pkg_dir = _starter_package_dir()
 
     def write(tmp: Path) -> None:
-        progress(0.0, "Reading the packaged SmolLM2 GGUF (about 20 s)")
-        gguf = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=STARTER_GGUF)
+        progress(0.0, "Reading the packaged SmolLM2 GGUF (about 10 s)")
+        with _tensor_name_map_built_once():
+            gguf = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=STARTER_GGUF)
         tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=STARTER_GGUF)
         progress(0.7, "Copying weights into a plain model")
         # Without its quantization_config the config makes a plain model that saves (reading
@@ -246,24 +265,35 @@ def _load_tokenizer(source: str, token: str | None):
     return tokenizer
 
 
-_cache: dict[tuple[str, str], tuple] = {}
+_cache: dict[tuple[str, str, str], tuple] = {}
 _cache_lock = threading.Lock()
 
 
-def load_causal_lm(source: str, device: torch.device, token: str | None = None) -> tuple:
-    """Load (model, tokenizer) from a folder or Hub id, once per (source, device).
+def generation_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the hardware computes in it natively, else float32. Decoding reads every
+    weight per token, so half the bytes is about twice the speed on a CPU with avx512_bf16
+    (bench/generation.py, `dtypes`). Training and measurements (KL, perplexity) stay float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    # torch 2.13 has no public query for native CPU bfloat16; oneDNN's is the one its own tests use.
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_causal_lm(source: str, device: torch.device, token: str | None = None,
+                   dtype: torch.dtype = torch.float32) -> tuple:
+    """Load (model, tokenizer) from a folder or Hub id, once per (source, device, dtype).
 
     The model is in eval mode on device; the tokenizer pads on the left (needed for
     batched generation) and always has a pad token.
     """
-    key = (source, str(device))
+    key = (source, str(device), str(dtype))
     with _cache_lock:
         if key in _cache:
             return _cache[key]
         config = _load_config(source, token)
         tokenizer = _load_tokenizer(source, token)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, config=config, token=token)
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, token=token, dtype=dtype)
             model.to(device).eval()
         except Exception as exc:
             raise ModelLoadError(_explain(source, exc)) from exc

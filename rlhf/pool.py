@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from rlhf import safety
 from rlhf.generate import Decoding, Story, generate_rows, generate_stories
-from rlhf.models import ModelLoadError, load_causal_lm, resolve_device
+from rlhf.models import ModelLoadError, generation_dtype, load_causal_lm, resolve_device
 from rlhf.scoring import best_of_k, reranker, sampling_decoding
 from rlhf.settings import Settings
 from storage import completions, models
@@ -58,7 +58,8 @@ def fill_pool(
             if not work:
                 continue
             try:
-                model, tokenizer = load_causal_lm(work[0][0].source, device, settings.hub_token)
+                model, tokenizer = load_causal_lm(work[0][0].source, device, settings.hub_token,
+                                                  generation_dtype(device))
             except ModelLoadError as exc:
                 for policy, _ in work:
                     skipped[policy.name] = str(exc)

@@ -23,6 +23,7 @@ policy (ReST's "grow" rounds). Cheap on CPU: sampling and one supervised pass, n
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -36,7 +37,7 @@ from rlhf import scoring
 from rlhf.divergence import sampled_kl
 from rlhf.generate import Decoding, Story, generate_stories, prompt_and_story
 from rlhf.heldout import split_by_prompt
-from rlhf.models import context_length, resolve_device
+from rlhf.models import context_length, generation_dtype, resolve_device
 from rlhf.params import MODEL_ID_RANGE, JobParams, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
 from rlhf.training import (
@@ -214,9 +215,16 @@ def run(ctx: JobContext) -> JobResult:
 
 
 def _sample(model, tokenizer, prompts: list[str], decoding: Decoding, settings, seed: int) -> list[Story]:
-    model.eval()
+    """Stories from a copy of the model in the arena's generation dtype (what the pool writes
+    with, and faster); the float32 model itself is left for training and the KL measure."""
+    dtype = generation_dtype(model.device)
+    writer = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)
+    writer.eval()
     tokenizer.padding_side = "left"  # batched generation pads on the left
-    return generate_stories(model, tokenizer, prompts, decoding, batch_size=settings.generation_batch_size, seed=seed)
+    stories = generate_stories(writer, tokenizer, prompts, decoding, batch_size=settings.generation_batch_size,
+                               seed=seed)
+    del writer
+    return stories
 
 
 def _keep_winners(ctx: JobContext, model, tokenizer, scorer, texts: list[str], decoding: Decoding, number: int,

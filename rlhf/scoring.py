@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rlhf import metric_reward
 from rlhf.generate import Decoding, Story, generate_stories, prompt_and_story
 from rlhf.models import ModelLoadError, load_causal_lm, resolve_device
 from rlhf.params import check_choice
@@ -116,6 +117,8 @@ def load_reward_scorer(record: ModelRecord, device: torch.device | str = "cpu") 
             meta = read_meta(Path(record.source)) if record.path else {"backbone": "policy", "max_length": 512}
             if meta["backbone"] == "dph":  # a Direct Preference Head beside its LM (rlhf.dph)
                 _scorers[key] = head_scorer(record.source, device)
+            elif meta["backbone"] == "metrics":  # weights on the story metrics (rlhf.metric_reward)
+                _scorers[key] = metric_reward.make_metric_scorer(metric_reward.load(Path(record.source)))
             else:
                 model, tokenizer = _load_for_scoring(record.source, device)
                 _scorers[key] = make_scorer(model, tokenizer, meta, device)

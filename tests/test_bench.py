@@ -51,6 +51,9 @@ def test_quick_run_prints_one_json_document_with_every_part():
     assert set(generation["speedup_vs_batch_1"]) == {"1", "4"} and generation["speedup_vs_batch_1"]["1"] == 1.0
     two = generation["two_policies"]
     assert two["separate_tokens_per_s"] > 0 and two["one_call_tokens_per_s"] > 0 and two["one_call_speedup"] > 0
+    assert generation["dtype"] in ("torch.float32", "torch.bfloat16")
+    for row in generation["dtypes"].values():
+        assert "torch.float32" in row["tokens_per_s"] and row["speedup_vs_float32"] > 0
 
     stories = document["benches"]["stories"]
     assert stories["starter"] == "tiny" and stories["prompts"] == 8

@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.app_server import wait_for
 from rlhf import jobs, pool
 from rlhf.jobs import HEAVY, LIGHT, JobWorker, job_lane
+from rlhf.models import generation_dtype
 from rlhf.pool import fill_pool
 from rlhf.progress import JobProgress
 from rlhf.runner import KIND_MODULES
@@ -290,6 +292,7 @@ def test_policies_sharing_weights_write_each_batch_in_one_call(arena_dir, monkey
 
     def counted_rows(model, tokenizer, texts, decodings, max_new_tokens, seed=None):
         calls.append(sorted({d.temperature for d in decodings}))
+        assert model.dtype == generation_dtype(torch.device("cpu"))  # the fast dtype, where the CPU has one
         return real_rows(model, tokenizer, texts, decodings, max_new_tokens, seed)
 
     def no_single_calls(*args, **kwargs):
@@ -310,6 +313,13 @@ def test_policies_sharing_weights_write_each_batch_in_one_call(arena_dir, monkey
             "SELECT prompt_id, gen_params FROM completions WHERE model_id = ?", [policy.id])}
         assert set(new_prompts) <= set(stored)
         assert {stored[i]["temperature"] for i in new_prompts} == {policy.decoding["temperature"]}
+
+
+def test_generation_falls_back_to_float32_without_native_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert generation_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert generation_dtype(torch.device("cpu")) == torch.bfloat16
 
 
 def test_the_jobs_table_shows_each_jobs_lane_and_curve(arena_dir):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rlhf import arena, hub, preferences
+from rlhf import arena, hub, metric_reward, preferences
 from rlhf.heldout import NOT_ABOVE, heldout_markdown, normalised_prompt
 from rlhf.jobs import run_inline
 from rlhf.reward import PRESET_VALUES, STEP_CAPS, RewardParams
@@ -259,6 +259,33 @@ def test_minilm_backbone_trains_and_scores(arena_dir):
     scorer = load_reward_scorer(record, "cpu")
     values = scorer(["A story about a cat."] * 2, ["The cat sat.", "The cat ran home and sang a song."])
     assert len(values) == 2 and all(isinstance(v, float) for v in values)
+
+
+def test_metrics_backbone_learns_the_preference_from_the_story_metrics(arena_dir):
+    """Longer stories always win: the fitted length weight is positive, the held-out pairs are
+    all ranked right, and the scorer read back from the model folder prefers the longer story."""
+    settings, store = arena_dir
+    _vote_longer(store, n=40)
+    job = run_inline(settings, "reward", {"backbone": "metrics"})
+    assert job["status"] == "succeeded", job["error"]
+    record = models.get_model(store.db, job["result_model_id"])
+    assert (record.parent_id, record.active, record.metrics["backbone"]) == (None, False, "metrics")
+    weights = record.metrics["weights"]
+    assert set(weights) == set(metric_reward.FEATURES) and weights["log_length"] > 0
+    assert weights["log_length"] == max(weights.values())
+    assert record.metrics["heldout"]["accuracy"] == 1.0
+    scorer = load_reward_scorer(record, "cpu")
+    short, long = scorer(["Tell a story about a cat."] * 2,
+                         ["The cat sat.", "The cat ran home, sang a song to the moon and then slept all day."])
+    assert long > short
+
+
+def test_metrics_reward_needs_pairs_and_its_own_feature_list():
+    with pytest.raises(ValueError, match="at least one preference pair"):
+        metric_reward.fit([])
+    model = metric_reward.fit([{"prompt": "A cat.", "chosen": "The cat sat down and slept.", "rejected": "Cat."}])
+    with pytest.raises(ValueError, match="reads"):
+        metric_reward.make_metric_scorer({**model, "features": ["length"]})
 
 
 # --- honest numbers: the held-out block, from the CLI to the model card ------------------------
