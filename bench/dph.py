@@ -175,8 +175,8 @@ def run_reward_model(settings, args, source: str, train: list[dict], held_out: l
 def run_dpo(settings, args, source: str, train: list[dict], held_out: list[dict]) -> dict:
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf.dpo import implicit_reward_margins, preference_dataset
-    from rlhf.training import load_trainable_lm, trainer_device_args
+    from rlhf.dpo import implicit_reward_margins
+    from rlhf.training import load_trainable_lm, preference_dataset, trainer_device_args
 
     model, tokenizer = load_trainable_lm(source, None)
     config = DPOConfig(

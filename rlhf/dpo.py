@@ -42,10 +42,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from rlhf.generate import prompt_and_story
 from rlhf.heldout import pairwise_report
 from rlhf.params import MODEL_ID_RANGE, JobParams, check_field, param
 from rlhf.runner import JobContext, JobResult, Kind, ModelSpec, model_writer
@@ -60,6 +58,7 @@ from rlhf.training import (
     load_trainable_lm,
     lora_and_rate,
     lora_config,
+    preference_dataset,
     sources_param,
     steps_for_data,
     trainer_device_args,
@@ -191,16 +190,6 @@ class TimeBudget(TrainerCallback):
         if now + per_pair * self.batch_size + evaluation + SAVE_RESERVE_S > self.deadline:
             control.should_training_stop = True
             self.stopped_early = state.global_step < state.max_steps
-
-
-def preference_dataset(records: list[dict], tokenizer) -> Dataset:
-    """TRL's prompt/chosen/rejected with the generation prompt format."""
-    rows = []
-    for r in records:
-        prompt, chosen = prompt_and_story(tokenizer, r["prompt"], r["chosen"])
-        rows.append({"prompt": prompt, "chosen": chosen,
-                     "rejected": prompt_and_story(tokenizer, r["prompt"], r["rejected"])[1]})
-    return Dataset.from_list(rows)
 
 
 def implicit_reward_margins(model, ref_model, tokenizer, records: list[dict], beta: float, max_length: int,

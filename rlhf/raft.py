@@ -9,6 +9,14 @@ format, loss on the story only, end-of-sequence only after a story that ended by
 never after one the budget cut). `iterations` > 1 repeats this from the new
 policy (ReST's "grow" rounds). Cheap on CPU: sampling and one supervised pass, no RL.
 
+`objective` "dpo" trains on the same samples with TRL's DPOTrainer instead: each kept
+prompt's best story against its worst (online / iterative DPO on reward-model-labelled
+pairs of the policy's own stories, as in Xiong et al. 2024), with the policy the round
+started from as the reference (the LoRA adapter disabled). Supervised fine-tuning on a
+few hundred of its own stories sharpens a small policy (more repeated 4-grams on the SmolLM2
+starter, README closed loop) and learns nothing about what made a story the best; the pair
+says it.
+
 - prompts: the training side of rlhf.heldout.split_by_prompt over the prompts of
   `prompt_source`, in id order; the held-out side is never sampled for training, and the
   job's evaluation (reward before / after, KL to the parent) runs there.
@@ -46,6 +54,7 @@ from rlhf.training import (
     load_trainable_lm,
     lora_and_rate,
     lora_config,
+    preference_dataset,
     trainer_device_args,
 )
 from storage import prompts as prompt_rows
@@ -57,6 +66,7 @@ HELD_OUT_FRACTION = 0.2
 EVAL_PROMPTS = 8
 EVAL_SAMPLES_PER_PROMPT = 2
 EVAL_SEED = 20240501
+OBJECTIVES = ("sft", "dpo")
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,10 @@ class RaftParams(JobParams):
                                        low=1, high=1024)
     iterations: int = param(1, "rounds of sample, keep, fine-tune (ReST's grow steps), each from the newest policy",
                             low=1, high=10)
+    objective: str = param("sft", "sft: fine-tune on each prompt's best story (RAFT); dpo: DPO with the best story "
+                           "against the worst (online DPO)", choices=OBJECTIVES)
+    beta: float = param(0.1, "dpo only: strength of the pull towards the round's starting policy", low=0, high=10,
+                        low_open=True)
     seed: int = param(0, "random seed", low=0, high=2**32 - 1)
 
 
@@ -104,15 +118,18 @@ def prompt_split(store, source: str, count: int) -> tuple[list[str], list[str]]:
 def winners(prompts: list[str], stories: list[str], rewards: list[float], k: int, margin: float,
             cut: list[bool] | None = None) -> list[dict]:
     """Per prompt (k consecutive samples each), its best story when that beats the mean
-    reward of the k by more than margin, as {prompt, story, reward, cut}; `cut` marks the
-    stories the token budget ended (none when not given)."""
+    reward of the k by more than margin, as {prompt, story, reward, cut, worst}; `cut` marks
+    the stories the token budget ended (none when not given), `worst` is the lowest-scored
+    story (the dpo objective's rejected one)."""
     cut = cut or [False] * len(stories)
     kept = []
     for i in range(0, len(stories), k):
         group = rewards[i:i + k]
         best = max(range(len(group)), key=group.__getitem__)
+        worst = min(range(len(group)), key=group.__getitem__)
         if group[best] - statistics.fmean(group) > margin:
-            kept.append({"prompt": prompts[i], "story": stories[i + best], "reward": group[best], "cut": cut[i + best]})
+            kept.append({"prompt": prompts[i], "story": stories[i + best], "reward": group[best], "cut": cut[i + best],
+                         "worst": stories[i + worst]})
     return kept
 
 
@@ -163,8 +180,9 @@ def run(ctx: JobContext) -> JobResult:
         start = 0.05 + share * (number - 1)
         kept, summary = _keep_winners(ctx, model, tokenizer, scorer, train_texts, decoding, number, start)
         progress(start + share * 0.3, f"round {number}: fine-tuning on {len(kept)} of {len(train_texts)} prompts")
-        trained, training = _fine_tune(ctx, model, tokenizer, kept, learning_rate, use_lora, start + share * 0.3,
-                                       share * 0.7, resume)
+        update = _preference_tune if p.objective == "dpo" else _fine_tune
+        trained, training = update(ctx, model, tokenizer, kept, learning_rate, use_lora, start + share * 0.3,
+                                   share * 0.7, resume)
         resume = None
         ctx.save_model(model_writer(trained, tokenizer), f"round-{number}")
         rounds.append({**summary, **training})
@@ -201,6 +219,8 @@ def run(ctx: JobContext) -> JobResult:
         "kl": kl,
         "k": p.k,
         "margin": p.margin,
+        "objective": p.objective,
+        **({"beta": p.beta} if p.objective == "dpo" else {}),
         "reward_model": reward_record.id,
         "reward_model_name": reward_record.name,
         "learning_rate": learning_rate,
@@ -210,7 +230,8 @@ def run(ctx: JobContext) -> JobResult:
     }
     progress(0.98, f"reward {reward_before:.3f} -> {reward_after:.3f}, KL {kl:.4f}")
     return JobResult(models=[ModelSpec(
-        name=f"{base.name}-raft", kind=MODEL_KIND, path=policy_dir, parent=base, metrics=metrics,
+        name=f"{base.name}-raft" + ("-dpo" if p.objective == "dpo" else ""), kind=MODEL_KIND, path=policy_dir,
+        parent=base, metrics=metrics,
     )])
 
 
@@ -288,6 +309,43 @@ def _fine_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learning_rat
     )
     output = trainer.train(resume_from_checkpoint=resume)
     tokenizer.padding_side = "left"  # as generation (and the saved tokenizer) expects
+    trained = trainer.model.merge_and_unload() if use_lora else trainer.model
+    return trained, {"train_loss": float(output.training_loss), "steps": trainer.state.global_step}
+
+
+def _preference_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learning_rate: float, use_lora: bool,
+                     start: float, share: float, resume: str | None):
+    """The dpo objective: DPOTrainer on (best, worst) of each kept prompt; returns the trained
+    model (LoRA merged) and the round's training figures, as _fine_tune does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    p = ctx.params
+    records = [{"prompt": w["prompt"], "chosen": w["story"], "rejected": w["worst"]} for w in kept]
+    tokenizer.padding_side = "right"
+    config = DPOConfig(
+        output_dir=str(ctx.output_dir),
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps or -1,
+        per_device_train_batch_size=p.batch_size,
+        learning_rate=learning_rate,
+        beta=p.beta,
+        max_length=context_length(model),
+        precompute_ref_log_probs=False,
+        seed=p.seed,
+        save_steps=math.ceil(len(records) / p.batch_size),  # about once per epoch
+        **trainer_device_args(ctx.settings),
+    )
+    reference = None if use_lora else AutoModelForCausalLM.from_pretrained(
+        str(model.name_or_path), dtype=torch.float32).to(model.device)
+    trainer = DPOTrainer(
+        model=model, ref_model=reference, args=config, train_dataset=preference_dataset(records, tokenizer),
+        processing_class=tokenizer, callbacks=[ProgressCallback(ctx.progress, start=start, share=share)],
+        peft_config=lora_config(model, p.lora_r) if use_lora else None,
+    )
+    output = trainer.train(resume_from_checkpoint=resume)
+    tokenizer.padding_side = "left"
     trained = trainer.model.merge_and_unload() if use_lora else trainer.model
     return trained, {"train_loss": float(output.training_loss), "steps": trainer.state.global_step}
 

@@ -238,6 +238,21 @@ def fitted_max_length(model, params, model_name: str) -> int:
     return params.max_length
 
 
+def preference_dataset(records: list[dict], tokenizer):
+    """TRL's prompt/chosen/rejected (a datasets.Dataset) in the generation prompt format:
+    DPO trains on votes, RAFT's dpo objective on its own best and worst stories."""
+    from datasets import Dataset
+
+    from rlhf.generate import prompt_and_story
+
+    rows = []
+    for r in records:
+        prompt, chosen = prompt_and_story(tokenizer, r["prompt"], r["chosen"])
+        rows.append({"prompt": prompt, "chosen": chosen,
+                     "rejected": prompt_and_story(tokenizer, r["prompt"], r["rejected"])[1]})
+    return Dataset.from_list(rows)
+
+
 def lora_and_rate(model, lora: bool | None, learning_rate: float | None) -> tuple[bool, float]:
     """Whether to train a LoRA adapter (by default for models over LORA_THRESHOLD_PARAMS)
     and the learning rate that goes with that choice unless the job set one."""

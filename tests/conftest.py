@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.progress import JobProgress
 from rlhf.settings import ENV_VARS, Settings
 from storage.db import Store
 
@@ -88,3 +89,15 @@ def store(tmp_path: Path) -> Store:
     yield s
     s.db.conn.close()
 
+
+
+class RecordingProgress(JobProgress):
+    """A job's progress that also appends each message to `messages` (resume tests read them)."""
+
+    def __init__(self, settings: Settings, job_id: int, messages: list[str]):
+        super().__init__(settings, job_id)
+        self.messages = messages
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.messages.append(message)
+        super().__call__(fraction, message)

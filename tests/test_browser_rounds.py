@@ -2,8 +2,8 @@
 the arena until the round starts by itself, and, once its reward and RAFT jobs ran and
 the child met its parent, sees the decided round in the Rounds view.
 
-One app (tiny random GPT-2, six-prompt pool) with researcher `rita` and a researcher key;
-Chromium is the Debian build at /usr/bin/chromium driven by Playwright.
+The app and browser are tests/test_browser_train.py's (tiny random GPT-2, six-prompt pool,
+researcher `rita` with a researcher key, Chromium driven by Playwright).
 """
 
 from __future__ import annotations
@@ -13,9 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.app_server import TINY_ARGS, query, running_app, wait_for, wait_for_pool
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, STORY_WAIT_MS, UI_WAIT_MS
-from tests.test_browser_train import JOB_WAIT_MS, RESEARCHER, RESEARCHER_KEY, vote
+from bench.app_server import query, wait_for
+from tests.test_browser import CHROMIUM
+from tests.test_browser_train import (  # noqa: F401  (app and page are fixtures)
+    JOB_WAIT_MS,
+    RESEARCHER,
+    RESEARCHER_KEY,
+    app,
+    page,
+    sign_in_as_researcher,
+    vote,
+)
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
@@ -29,38 +37,14 @@ MAX_VOTES_FOR_THE_CHILD = 30
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Chromium at {CHROMIUM}")
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("browser-rounds")
-    env = {"STORY_ARENA_RESEARCHERS": RESEARCHER, "STORY_ARENA_RESEARCHER_KEY": RESEARCHER_KEY}
-    with running_app(data_dir, env=env, extra_args=TINY_ARGS) as (url, _):
-        wait_for_pool(data_dir)
-        yield url, data_dir / "arena.db"
-
-
-@pytest.fixture
-def page():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(UI_WAIT_MS)
-        yield page
-        browser.close()
-
-
 def round_status(db: Path) -> str | None:
     rows = query(db, "SELECT status FROM rounds WHERE id = 1")
     return rows[0][0] if rows else None
 
 
-def test_a_researcher_sets_a_recipe_and_votes_until_a_round_is_decided(app, page):
+def test_a_researcher_sets_a_recipe_and_votes_until_a_round_is_decided(app, page):  # noqa: F811
     url, db = app
-    page.goto(url)
-    page.locator("#annotator-name").get_by_role("textbox").fill(RESEARCHER)
-    page.get_by_label("Researcher key (researchers only)").fill(RESEARCHER_KEY)
-    page.click("#sign-in")
-    expect(page.locator("#who")).to_contain_text(f"Signed in as {RESEARCHER} (researcher)")
-    page.wait_for_function("() => document.querySelector('#story-a .story')", timeout=STORY_WAIT_MS)
+    sign_in_as_researcher(page, url)
 
     page.get_by_role("tab", name="Rounds").click()
     expect(page.locator("#round-recipe")).to_contain_text("No recipe yet")

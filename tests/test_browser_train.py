@@ -52,6 +52,16 @@ def page(tmp_path):
         browser.close()
 
 
+def sign_in_as_researcher(page, url: str) -> None:
+    """Sign in with the researcher key and wait for the first pair of stories."""
+    page.goto(url)
+    page.locator("#annotator-name").get_by_role("textbox").fill(RESEARCHER)
+    page.get_by_label("Researcher key (researchers only)").fill(RESEARCHER_KEY)
+    page.click("#sign-in")
+    expect(page.locator("#who")).to_contain_text(f"Signed in as {RESEARCHER} (researcher)")
+    page.wait_for_function("() => document.querySelector('#story-a .story')", timeout=STORY_WAIT_MS)
+
+
 def vote(page) -> str:
     """Vote "A is better" with the keyboard and wait for the vote to be counted; the reveal."""
     status = page.locator("#arena-status")
@@ -69,12 +79,7 @@ def choose(page, container, label: str, option: str) -> None:
 
 def test_a_researcher_trains_dpo_from_the_form_and_meets_the_child_in_the_arena(app, page):
     url, db = app
-    page.goto(url)
-    page.locator("#annotator-name").get_by_role("textbox").fill(RESEARCHER)
-    page.get_by_label("Researcher key (researchers only)").fill(RESEARCHER_KEY)
-    page.click("#sign-in")
-    expect(page.locator("#who")).to_contain_text(f"Signed in as {RESEARCHER} (researcher)")
-    page.wait_for_function("() => document.querySelector('#story-a .story')", timeout=STORY_WAIT_MS)
+    sign_in_as_researcher(page, url)
     for _ in range(VOTES_BEFORE_TRAINING):
         vote(page)
 

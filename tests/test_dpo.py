@@ -16,7 +16,6 @@ from rlhf.dpo import (
     STEP_CAPS,
     DPOParams,
     TimeBudget,
-    preference_dataset,
 )
 from rlhf.generate import Decoding, format_prompt, generate_stories
 from rlhf.heldout import pairwise_report
@@ -24,7 +23,7 @@ from rlhf.jobs import run_inline
 from rlhf.models import load_causal_lm
 from rlhf.progress import JobCancelled, JobProgress
 from rlhf.runner import train
-from rlhf.training import preference_data
+from rlhf.training import preference_data, preference_dataset
 from storage import completions, models, prompts, votes
 from storage import jobs as job_rows
 from tests.test_generate import CHAT_TEMPLATE

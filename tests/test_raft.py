@@ -20,6 +20,7 @@ from rlhf.runner import output_dir, train
 from storage import annotators, completions, models, votes
 from storage import jobs as job_rows
 from storage import prompts as prompt_rows
+from tests.conftest import RecordingProgress
 
 CPU = torch.device("cpu")
 
@@ -125,6 +126,38 @@ def test_raft_registers_a_child_that_meets_its_parent_in_the_arena(arena_dir):
     assert sampled_kl(model, parent, tokenizer, ["A cat."], ["The cat sat."]) > 0.0
 
 
+def test_the_dpo_objective_trains_on_each_prompts_best_story_against_its_worst(arena_dir, monkeypatch):
+    """objective=dpo: DPOTrainer gets (best, worst) of every kept prompt's samples and the
+    child, registered like any RAFT child, has moved from its parent."""
+    from trl import DPOTrainer
+
+    settings, store = arena_dir
+    base = models.list_models(store.db)[0]
+    reward_row = models.add_model(store.db, "length-reward", "reward", path=base.path, active=False)
+    monkeypatch.setattr(scoring, "load_reward_scorer",
+                        lambda record, device: lambda prompts, stories: [float(len(s)) for s in stories])
+    seen = []
+    real_init = DPOTrainer.__init__
+
+    def recorded(self, *args, **kwargs):
+        seen.append(kwargs["train_dataset"])
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPOTrainer, "__init__", recorded)
+    job = run_inline(settings, "raft", {"base": base.id, "reward_model": reward_row.id, "prompts": 4, "k": 3,
+                                        "max_new_tokens": 12, "batch_size": 2, "objective": "dpo",
+                                        "learning_rate": 1e-3})
+    assert job["status"] == "succeeded", job["error"]
+    child = models.get_model(store.db, job["result_model_id"])
+    assert child.name == f"{base.name}-raft-dpo" and child.parent_id == base.id
+    assert child.metrics["objective"] == "dpo" and child.metrics["beta"] == 0.1 and child.metrics["kl"] > 0
+    [dataset] = seen
+    sampled = json.loads((output_dir(settings, "raft", job["id"]) / "samples-round-1.json").read_text())
+    groups = [sampled["stories"][start:start + 3] for start in range(0, len(sampled["stories"]), 3)]
+    expected = [(max(g, key=len), min(g, key=len)) for g in groups if max(map(len, g)) > sum(map(len, g)) / 3]
+    assert [(row["chosen"].strip(), row["rejected"].strip()) for row in dataset] == expected and expected
+
+
 def test_a_flat_reward_keeps_nothing_and_fails_clearly(arena_dir, monkeypatch):
     settings, store = arena_dir
     base = models.list_models(store.db)[0]
@@ -161,15 +194,10 @@ def test_a_requeued_job_resumes_and_registers_nothing_twice(arena_dir, monkeypat
     monkeypatch.setattr(scoring, "load_reward_scorer", length_scorer)
     messages = []
 
-    class Recording(JobProgress):
-        def __call__(self, fraction, message):
-            messages.append(message)
-            super().__call__(fraction, message)
-
-    record = train(settings, "raft", params, Recording(settings, job_id))
+    record = train(settings, "raft", params, RecordingProgress(settings, job_id, messages))
     assert not any("sampling" in m or "fine-tuning" in m for m in messages)  # both rounds were recorded
     assert record.kind == "raft" and record.metrics["iterations"] == 2 and record.metrics["samples"] == 16
-    assert train(settings, "raft", params, Recording(settings, job_id)).id == record.id
+    assert train(settings, "raft", params, RecordingProgress(settings, job_id, messages)).id == record.id
     assert [m.kind for m in models.list_models(db)].count("raft") == 1
 
 

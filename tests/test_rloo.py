@@ -190,6 +190,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint(arena_dir, monkeypatch):
     from rlhf import scoring, training
     from rlhf.progress import JobProgress
     from rlhf.runner import output_dir, train
+    from tests.conftest import RecordingProgress
 
     settings, store = arena_dir
     db = store.db
@@ -218,12 +219,8 @@ def test_a_requeued_job_resumes_from_its_checkpoint(arena_dir, monkeypatch):
     monkeypatch.setattr(scoring, "load_reward_scorer", length_scorer)
     messages = []
 
-    class Recording(JobProgress):
-        def __call__(self, fraction, message):
-            messages.append(message)
-            super().__call__(fraction, message)
-
-    record = train(settings, "rloo", {**params, "max_steps": 3}, Recording(settings, job_id))
+    resumed = {**params, "max_steps": 3}
+    record = train(settings, "rloo", resumed, RecordingProgress(settings, job_id, messages))
     assert any("resuming checkpoint-2" in m for m in messages)
     assert record.metrics["steps"] == 3 and record.job_id == job_id
-    assert train(settings, "rloo", {**params, "max_steps": 3}, Recording(settings, job_id)).id == record.id
+    assert train(settings, "rloo", resumed, RecordingProgress(settings, job_id, messages)).id == record.id
