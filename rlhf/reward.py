@@ -263,8 +263,9 @@ def run(ctx: JobContext) -> JobResult:
     folder, metrics, scorer = fit(ctx, source, train + weak_pairs)
     progress(0.84, f"scoring {len(held_out)} held-out pairs")
     heldout = pairwise_report(held_out, held_out_margins(scorer, held_out))
-    metrics.update(snapshot, weak_pairs_used=len(weak_pairs), train_pairs=len(train), heldout=heldout,
-                   epochs=epochs_made(metrics["steps"], p.batch_size, len(train) + len(weak_pairs)))
+    metrics.update(snapshot, weak_pairs_used=len(weak_pairs), train_pairs=len(train), heldout=heldout)
+    if metrics["steps"] is not None:  # the metrics backbone fits in closed form: no steps, no epochs
+        metrics["epochs"] = epochs_made(metrics["steps"], p.batch_size, len(train) + len(weak_pairs))
     return JobResult(models=[ModelSpec(
         name=f"reward-{label}", kind="reward", path=folder, parent=parent, metrics=metrics, policy=False,
     )], message=f"reward-{label}: {heldout['summary']}")
@@ -309,8 +310,9 @@ def _fit_metric_weights(ctx: JobContext, source: str, train: list[dict]):
 
     folder = ctx.save_model(write)
     metrics = {
-        "backbone": "metrics", "params": ctx.params.to_dict(), "steps": 1, "train_loss": None,
-        "trainable_params": len(model["weights"]), "seconds_per_step": time.perf_counter() - started,
+        "backbone": "metrics", "params": {"backbone": "metrics", "sources": ctx.params.sources,
+                                           "datasets": ctx.params.datasets, "weak_labels": ctx.params.weak_labels},
+        "steps": None, "trainable_params": len(model["weights"]), "seconds": round(time.perf_counter() - started, 2),
         "weights": dict(zip(model["features"], (round(w, 3) for w in model["weights"]))),
     }
     return folder, metrics, metric_reward.make_metric_scorer(model)

@@ -270,6 +270,7 @@ def test_metrics_backbone_learns_the_preference_from_the_story_metrics(arena_dir
     assert job["status"] == "succeeded", job["error"]
     record = models.get_model(store.db, job["result_model_id"])
     assert (record.parent_id, record.active, record.metrics["backbone"]) == (None, False, "metrics")
+    assert record.metrics["steps"] is None and "epochs" not in record.metrics  # one closed-form fit
     weights = record.metrics["weights"]
     assert set(weights) == set(metric_reward.FEATURES) and weights["log_length"] > 0
     assert weights["log_length"] == max(weights.values())
