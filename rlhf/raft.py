@@ -289,24 +289,33 @@ def _fine_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learning_rat
     p = ctx.params
     records = [sft_record(tokenizer, w["prompt"], w["story"], w["cut"]) for w in kept]
     tokenizer.padding_side = "right"
-    config = SFTConfig(
-        output_dir=str(ctx.output_dir),
-        num_train_epochs=p.epochs,
-        max_steps=p.max_steps or -1,
-        per_device_train_batch_size=p.batch_size,
-        gradient_accumulation_steps=1,
-        learning_rate=learning_rate,
-        completion_only_loss=True,
-        max_length=context_length(model),  # a re-tokenised story plus its end can pass the context
-        seed=p.seed,
-        save_steps=math.ceil(len(records) / p.batch_size),  # about once per epoch
-        **trainer_device_args(ctx.settings),
-    )
+    config = SFTConfig(completion_only_loss=True, **_round_args(ctx, model, len(records), learning_rate))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer,
         callbacks=[ProgressCallback(ctx.progress, start=start, share=share)],
         peft_config=lora_config(model, p.lora_r) if use_lora else None,
     )
+    return _train_round(trainer, tokenizer, use_lora, resume)
+
+
+def _round_args(ctx: JobContext, model, records: int, learning_rate: float) -> dict:
+    """The trainer arguments both objectives share."""
+    p = ctx.params
+    return dict(
+        output_dir=str(ctx.output_dir),
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps or -1,
+        per_device_train_batch_size=p.batch_size,
+        learning_rate=learning_rate,
+        max_length=context_length(model),  # a re-tokenised story plus its end can pass the context
+        seed=p.seed,
+        save_steps=math.ceil(records / p.batch_size),  # about once per epoch
+        **trainer_device_args(ctx.settings),
+    )
+
+
+def _train_round(trainer, tokenizer, use_lora: bool, resume: str | None):
+    """Train, merge LoRA, and return the model with the round's training figures."""
     output = trainer.train(resume_from_checkpoint=resume)
     tokenizer.padding_side = "left"  # as generation (and the saved tokenizer) expects
     trained = trainer.model.merge_and_unload() if use_lora else trainer.model
@@ -324,19 +333,8 @@ def _preference_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learni
     p = ctx.params
     records = [{"prompt": w["prompt"], "chosen": w["story"], "rejected": w["worst"]} for w in kept]
     tokenizer.padding_side = "right"
-    config = DPOConfig(
-        output_dir=str(ctx.output_dir),
-        num_train_epochs=p.epochs,
-        max_steps=p.max_steps or -1,
-        per_device_train_batch_size=p.batch_size,
-        learning_rate=learning_rate,
-        beta=p.beta,
-        max_length=context_length(model),
-        precompute_ref_log_probs=False,
-        seed=p.seed,
-        save_steps=math.ceil(len(records) / p.batch_size),  # about once per epoch
-        **trainer_device_args(ctx.settings),
-    )
+    config = DPOConfig(beta=p.beta, precompute_ref_log_probs=False,
+                       **_round_args(ctx, model, len(records), learning_rate))
     reference = None if use_lora else AutoModelForCausalLM.from_pretrained(
         str(model.name_or_path), dtype=torch.float32).to(model.device)
     trainer = DPOTrainer(
@@ -344,10 +342,7 @@ def _preference_tune(ctx: JobContext, model, tokenizer, kept: list[dict], learni
         processing_class=tokenizer, callbacks=[ProgressCallback(ctx.progress, start=start, share=share)],
         peft_config=lora_config(model, p.lora_r) if use_lora else None,
     )
-    output = trainer.train(resume_from_checkpoint=resume)
-    tokenizer.padding_side = "left"
-    trained = trainer.model.merge_and_unload() if use_lora else trainer.model
-    return trained, {"train_loss": float(output.training_loss), "steps": trainer.state.global_step}
+    return _train_round(trainer, tokenizer, use_lora, resume)
 
 
 KIND = Kind(
