@@ -30,6 +30,7 @@ from transformers import (
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
 )
+from transformers.initialization import no_init_weights
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 STARTER_DIR_NAME = "smollm2-135m-instruct"
@@ -88,19 +89,23 @@ def _starter_package_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _tensor_name_map_built_once():
-    """Memoise gguf.get_tensor_name_map while transformers reads a GGUF. Its loader asks for
-    the map once per module (397 times for SmolLM2) and each call rebuilds the same read-only
-    TensorNameMap: half of the conversion's time (cProfile, first start). No option of
-    transformers or gguf avoids it, so the function is wrapped for the duration of the read."""
+def _gguf_parsed_once():
+    """Memoise gguf's GGUFReader (per file) and get_tensor_name_map while transformers reads a
+    GGUF. Reading the config, the weights and the tokenizer each build a GGUFReader, and each
+    parses every metadata field again, the 49 k vocabulary and its merges included, element by
+    element through a numpy memmap: most of the conversion's time (cProfile, first start). The
+    loader also asks for the tensor-name map once per module (397 times for SmolLM2), rebuilding
+    the same read-only map each time. No option of transformers or gguf avoids either, so both
+    are wrapped for the duration of the read; the reader is opened read-only, so sharing it is safe."""
     import gguf
 
-    original = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(original)
+    originals = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.cache(originals[0])
+    gguf.get_tensor_name_map = functools.cache(originals[1])
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = original
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals
 
 
 def prepare_starter(
@@ -116,15 +121,17 @@ def prepare_starter(
 
     def write(tmp: Path) -> None:
         progress(0.0, "Reading the packaged SmolLM2 GGUF (about 10 s)")
-        with _tensor_name_map_built_once():
+        with _gguf_parsed_once():
             gguf = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=STARTER_GGUF)
-        tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=STARTER_GGUF)
+            tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=STARTER_GGUF)
         progress(0.7, "Copying weights into a plain model")
-        # Without its quantization_config the config makes a plain model that saves (reading
-        # the config from the GGUF again would parse the file a third time: about 4 s).
+        # Without its quantization_config the config makes a plain model that saves.
         config = copy.deepcopy(gguf.config)
         del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=gguf.dtype)
+        # Every weight is overwritten just below; skipping initialisation also skips tying.
+        with no_init_weights():
+            plain = AutoModelForCausalLM.from_config(config, dtype=gguf.dtype)
+        plain.tie_weights()
         plain.load_state_dict(gguf.state_dict(), strict=True)
         plain.generation_config = gguf.generation_config
         progress(0.8, "Saving safetensors")

